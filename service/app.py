@@ -1,0 +1,43 @@
+"""The FastAPI application (the API part never imports torch)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.auth import ensure_configured_keys
+from service.db import session_scope
+from service.errors import install_error_handlers
+from service.routes import datasets, jobs, system
+from service.settings import get_settings
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    settings = get_settings()
+    settings.ensure_dirs()
+    if settings.api_keys:
+        with session_scope() as session:
+            ensure_configured_keys(session, settings.api_keys)
+    yield
+
+
+def create_app() -> FastAPI:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = FastAPI(
+        title="dpft",
+        version="1",
+        summary="Differentially private fine-tuning jobs for language models.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(system.router)
+    app.include_router(datasets.router)
+    app.include_router(jobs.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,72 @@
+"""API keys: random bearer tokens, stored as SHA-256 hashes, each belonging to one tenant."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db import get_session
+from service.errors import Unauthorized
+from service.models import ApiKey, Tenant
+
+KEY_PREFIX = "dpft_"
+
+
+def hash_key(key: str) -> str:
+    # Keys carry 256 random bits, so a fast hash is enough: there is nothing to brute-force.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_api_key(session: Session, tenant_name: str, key: str | None = None) -> str:
+    """Create the tenant if needed and a new key for it; returns the key in clear (shown once)."""
+    tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
+    if tenant is None:
+        tenant = Tenant(name=tenant_name)
+        session.add(tenant)
+        session.flush()
+    key = key or KEY_PREFIX + secrets.token_urlsafe(32)
+    key_hash = hash_key(key)
+    if session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash)) is None:
+        session.add(ApiKey(tenant_id=tenant.id, key_hash=key_hash, prefix=key[:12]))
+    return key
+
+
+def ensure_configured_keys(session: Session, pairs: str) -> None:
+    """Store the `tenant:key` pairs from DPFT_API_KEYS (idempotent)."""
+    for pair in filter(None, (p.strip() for p in pairs.split(","))):
+        tenant_name, sep, key = pair.partition(":")
+        if not sep or not tenant_name or not key:
+            raise ValueError(f"DPFT_API_KEYS entry {pair!r} is not of the form tenant:key")
+        create_api_key(session, tenant_name, key)
+
+
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key from `dpft keys create`.")
+
+
+def current_tenant(
+    session: Annotated[Session, Depends(get_session)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Tenant:
+    """FastAPI dependency: the tenant whose (unrevoked) key is in the Authorization header."""
+    if credentials is None or not credentials.credentials.strip():
+        raise Unauthorized(
+            "Missing API key: send `Authorization: Bearer <key>` (create one with `dpft keys create`)."
+        )
+    row = session.execute(
+        select(Tenant, ApiKey.revoked_at)
+        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == hash_key(credentials.credentials.strip()))
+    ).first()
+    if row is None or row.revoked_at is not None:
+        raise Unauthorized("Invalid or revoked API key.")
+    return row.Tenant
+
+
+CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+DbSession = Annotated[Session, Depends(get_session)]

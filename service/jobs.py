@@ -1,0 +1,221 @@
+"""Job creation and the job's record: the spec is solved before anything is stored, the privacy
+budget is reserved in the same transaction, and every state change leaves an event."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import presets
+from service.errors import APIError, Conflict, InvalidRequest, NotFound
+from service.models import Dataset, Job, JobEvent, JobStatus, PrivacyLedgerEntry, Tenant
+from service.privacy import InfeasiblePrivacySpec, PrivacyPlan, plan_privacy
+from service.schemas import JobCreate, JobOut, PlanOut
+from service.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+
+class InfeasibleSpec(APIError):
+    status_code = 422
+    code = "infeasible_privacy_spec"
+
+
+class BudgetExceeded(APIError):
+    status_code = 409
+    code = "privacy_budget_exceeded"
+
+
+def allowed_models() -> set[str]:
+    configured = {m.strip() for m in get_settings().allowed_models.split(",") if m.strip()}
+    return set(presets.PRESETS) | configured
+
+
+def get_dataset(session: Session, tenant: Tenant, dataset_id: str) -> Dataset:
+    dataset = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant.id))
+    if dataset is None:
+        raise NotFound(f"No dataset {dataset_id!r}.", param="dataset_id")
+    return dataset
+
+
+def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id))
+    if job is None:
+        raise NotFound(f"No job {job_id!r}.", param="job_id")
+    return job
+
+
+def add_event(session: Session, job_id: str, type_: str, message: str, **data: Any) -> None:
+    session.add(JobEvent(job_id=job_id, type=type_, message=message, data=data))
+
+
+def count_units(dataset: Dataset, request: JobCreate) -> int:
+    if request.privacy.unit == "record":
+        return dataset.num_records
+    if request.privacy.entity_column != dataset.entity_column or dataset.num_entities is None:
+        raise InvalidRequest(
+            f"Entity-level DP needs the entity column counted at upload: dataset {dataset.id} was uploaded "
+            f"with entity_column={dataset.entity_column!r}; upload it again with "
+            f"entity_column={request.privacy.entity_column!r}.",
+            param="privacy.entity_column",
+        )
+    return dataset.num_entities
+
+
+def solve_plan(request: JobCreate, num_units: int) -> PrivacyPlan:
+    hp, privacy = request.hyperparameters, request.privacy
+    try:
+        return plan_privacy(
+            num_units=num_units,
+            batch_size=hp.batch_size,
+            epochs=hp.epochs,
+            max_steps=hp.max_steps,
+            target_epsilon=privacy.target_epsilon,
+            noise_multiplier=privacy.noise_multiplier,
+            target_delta=privacy.target_delta,
+            accountant=privacy.accountant,
+        )
+    except InfeasiblePrivacySpec as exc:
+        param = exc.param
+        if param in ("batch_size", "epochs", "max_steps"):
+            param = f"hyperparameters.{param}"
+        elif param:
+            param = f"privacy.{param}"
+        raise InfeasibleSpec(exc.message, param=param) from None
+
+
+def epsilon_reserved(session: Session, dataset_id: str) -> tuple[float, float]:
+    eps, delta = session.execute(
+        select(
+            func.coalesce(func.sum(PrivacyLedgerEntry.epsilon), 0.0),
+            func.coalesce(func.sum(PrivacyLedgerEntry.delta), 0.0),
+        ).where(PrivacyLedgerEntry.dataset_id == dataset_id)
+    ).one()
+    return float(eps), float(delta)
+
+
+def request_hash(request: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def create_job(
+    session: Session, tenant: Tenant, request: JobCreate, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """Validate, solve, reserve the budget and store a queued job. Returns (job, created)."""
+    body_hash = request_hash(request)
+    if idempotency_key:
+        existing = session.scalar(
+            select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            if existing.request_hash != body_hash:
+                raise InvalidRequest(
+                    "This Idempotency-Key was used with a different request body; use a new key.",
+                    param="Idempotency-Key",
+                )
+            return existing, False
+
+    if request.base_model not in allowed_models():
+        raise InvalidRequest(
+            f"Base model {request.base_model!r} is not allowed here; GET /v1/models lists the ones that are "
+            "(an operator can add more with DPFT_ALLOWED_MODELS).",
+            param="base_model",
+        )
+    # Lock the dataset row so concurrent job creations on it cannot together overspend its budget.
+    dataset = session.scalar(
+        select(Dataset)
+        .where(Dataset.id == request.dataset_id, Dataset.tenant_id == tenant.id)
+        .with_for_update()
+    )
+    if dataset is None:
+        raise NotFound(f"No dataset {request.dataset_id!r}.", param="dataset_id")
+    if request.task != "causal_lm" and not dataset.label_field:
+        raise InvalidRequest(
+            f"Task {request.task} needs labels: upload the dataset with `label_field`.", param="task"
+        )
+    plan = solve_plan(request, count_units(dataset, request))
+
+    if dataset.epsilon_budget is not None or dataset.delta_budget is not None:
+        spent_eps, spent_delta = epsilon_reserved(session, dataset.id)
+        if dataset.epsilon_budget is not None and spent_eps + plan.epsilon > dataset.epsilon_budget + 1e-12:
+            raise BudgetExceeded(
+                f"This job would spend epsilon {plan.epsilon:.4g} but dataset {dataset.id} has "
+                f"{max(dataset.epsilon_budget - spent_eps, 0):.4g} left of its budget {dataset.epsilon_budget:.4g}. "
+                "Lower target_epsilon, or raise the dataset's epsilon_budget.",
+                param="privacy.target_epsilon",
+            )
+        if dataset.delta_budget is not None and spent_delta + plan.delta > dataset.delta_budget:
+            raise BudgetExceeded(
+                f"This job's delta {plan.delta:.3g} exceeds what is left of dataset {dataset.id}'s delta budget "
+                f"({max(dataset.delta_budget - spent_delta, 0):.3g}).",
+                param="privacy.target_delta",
+            )
+
+    job = Job(
+        tenant_id=tenant.id,
+        dataset_id=dataset.id,
+        base_model=request.base_model,
+        task=request.task,
+        spec=request.model_dump(mode="json"),
+        plan=plan.to_dict(),
+        status=JobStatus.queued,
+        total_steps=plan.steps,
+        idempotency_key=idempotency_key,
+        request_hash=body_hash,
+        job_metadata=request.metadata,
+    )
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(
+            "A request with this Idempotency-Key is already being processed; retry shortly."
+        ) from None
+    session.add(
+        PrivacyLedgerEntry(
+            dataset_id=dataset.id, job_id=job.id, epsilon=plan.epsilon, delta=plan.delta, state="reserved"
+        )
+    )
+    add_event(session, job.id, "created", "Job created.")
+    add_event(
+        session,
+        job.id,
+        "queued",
+        f"Queued: {plan.steps} noisy steps, noise multiplier {plan.noise_multiplier:.4g}, "
+        f"planned epsilon {plan.epsilon:.4g} ({plan.accountant}).",
+    )
+    return job, True
+
+
+def job_out(job: Job) -> JobOut:
+    spec = job.spec
+    plan = PlanOut.model_validate(job.plan)
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        dataset_id=job.dataset_id,
+        base_model=job.base_model,
+        task=job.task,
+        step=job.step,
+        total_steps=job.total_steps,
+        epsilon=job.epsilon,
+        target_epsilon=spec["privacy"].get("target_epsilon"),
+        plan=plan,
+        hyperparameters=spec["hyperparameters"],
+        lora=spec.get("lora"),
+        privacy=spec["privacy"],
+        stop_reason=job.stop_reason,
+        attempt=job.attempt,
+        error=job.error,
+        metadata=job.job_metadata or {},
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )

@@ -1,0 +1,55 @@
+"""The Celery app, shared by the API (which sends tasks by name) and the worker (which runs them).
+
+The database is the source of truth for jobs; Celery only delivers. Settings follow from long GPU
+jobs: one message at a time per worker process, a fresh child process per task (CUDA is
+initialised only there), a hard time limit, and no result backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from celery import Celery
+
+from service.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+TRAIN_TASK = "dpft.train_job"
+QUEUE = "gpu"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("dpft", broker=settings.resolved_broker_url)
+    transport_options: dict[str, object] = {}
+    if settings.resolved_broker_url.startswith("sqla+"):
+        transport_options["polling_interval"] = 0.5
+    if settings.broker_key_prefix:
+        transport_options["global_keyprefix"] = settings.broker_key_prefix
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_routes={TRAIN_TASK: {"queue": QUEUE}},
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=False,
+        task_time_limit=settings.task_time_limit_s,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport_options,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+def enqueue_training(job_id: str) -> None:
+    """Send the training task by name (the API never imports the worker)."""
+    get_celery().send_task(TRAIN_TASK, args=[job_id], queue=QUEUE)

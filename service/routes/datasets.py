@@ -1,0 +1,119 @@
+"""Datasets: upload (streamed, validated, stored only when valid), read, list, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from sqlalchemy import select
+
+from service.artifacts import get_artifact_store
+from service.auth import CurrentTenant, DbSession
+from service.datasets import copy_limited, guess_format, validate_records
+from service.jobs import epsilon_reserved, get_dataset
+from service.models import Dataset, new_id
+from service.schemas import DatasetOut, ListResponse
+from service.settings import get_settings
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def dataset_out(session: DbSession, dataset: Dataset) -> DatasetOut:
+    spent, _ = epsilon_reserved(session, dataset.id)
+    return DatasetOut(
+        id=dataset.id,
+        name=dataset.name,
+        format=dataset.format,
+        size_bytes=dataset.size_bytes,
+        content_hash=dataset.content_hash,
+        num_records=dataset.num_records,
+        num_entities=dataset.num_entities,
+        columns=dataset.columns,
+        text_field=dataset.text_field,
+        label_field=dataset.label_field,
+        entity_column=dataset.entity_column,
+        epsilon_budget=dataset.epsilon_budget,
+        delta_budget=dataset.delta_budget,
+        epsilon_spent=spent,
+        created_at=dataset.created_at,
+    )
+
+
+@router.post("", status_code=201, response_model=DatasetOut, summary="Upload a dataset")
+def upload_dataset(
+    session: DbSession,
+    tenant: CurrentTenant,
+    file: Annotated[UploadFile, File(description="The data: JSONL (one JSON object per line) or CSV.")],
+    name: Annotated[
+        str | None, Form(max_length=300, description="Display name; default: the file name.")
+    ] = None,
+    format: Annotated[
+        str | None, Form(description="jsonl or csv; guessed from the file name when absent.")
+    ] = None,
+    text_field: Annotated[str, Form(min_length=1, description="Field holding the text.")] = "text",
+    label_field: Annotated[
+        str | None, Form(description="Field holding the label, for classification.")
+    ] = None,
+    entity_column: Annotated[
+        str | None, Form(description="Field naming the entity (user) of each record, for entity-level DP.")
+    ] = None,
+    epsilon_budget: Annotated[
+        float | None,
+        Form(gt=0, allow_inf_nan=False, description="Total epsilon all jobs on this dataset may spend."),
+    ] = None,
+    delta_budget: Annotated[
+        float | None, Form(gt=0, lt=1, allow_inf_nan=False, description="Total delta all jobs may spend.")
+    ] = None,
+) -> DatasetOut:
+    settings = get_settings()
+    fmt = guess_format(file.filename, format)
+    store = get_artifact_store()
+    dataset_id = new_id("ds")
+    key = f"datasets/{dataset_id}/data.{fmt}"
+    with store.writer(key) as handle:
+        size, content_hash = copy_limited(file.file, handle, settings.max_upload_bytes)
+    try:
+        summary = validate_records(
+            store.path(key),
+            fmt,
+            text_field=text_field,
+            label_field=label_field or None,
+            entity_column=entity_column or None,
+            max_record_chars=settings.max_record_chars,
+        )
+        dataset = Dataset(
+            id=dataset_id,
+            tenant_id=tenant.id,
+            name=name or file.filename or dataset_id,
+            format=fmt,
+            storage_key=key,
+            size_bytes=size,
+            content_hash=content_hash,
+            num_records=summary.num_records,
+            num_entities=summary.num_entities if entity_column else None,
+            columns=summary.columns,
+            text_field=text_field,
+            label_field=label_field or None,
+            entity_column=entity_column or None,
+            epsilon_budget=epsilon_budget,
+            delta_budget=delta_budget,
+        )
+        session.add(dataset)
+        session.commit()
+    except BaseException:
+        store.delete(f"datasets/{dataset_id}")
+        raise
+    return dataset_out(session, dataset)
+
+
+@router.get("", response_model=ListResponse[DatasetOut], summary="List datasets")
+def list_datasets(session: DbSession, tenant: CurrentTenant) -> ListResponse[DatasetOut]:
+    rows = session.scalars(
+        select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.created_at.desc())
+    ).all()
+    return ListResponse[DatasetOut](data=[dataset_out(session, d) for d in rows], has_more=False)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="Read a dataset")
+def read_dataset(dataset_id: str, session: DbSession, tenant: CurrentTenant) -> DatasetOut:
+    return dataset_out(session, get_dataset(session, tenant, dataset_id))

@@ -1,0 +1,178 @@
+"""The HTTP API in-process (FastAPI's TestClient) on the real PostgreSQL: authentication, dataset
+validation, job creation errors and tenant isolation. Training is covered by tests/integration."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SAMPLE = (resources.files("service.data") / "sample.jsonl").read_bytes()
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def upload(api, key: str, content: bytes = SAMPLE, filename: str = "data.jsonl", **fields):  # type: ignore[no-untyped-def]
+    return api.post(
+        "/v1/datasets",
+        headers=auth(key),
+        files={"file": (filename, content)},
+        data={k: str(v) for k, v in fields.items()},
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(api, tenant_key: str) -> dict:  # type: ignore[no-untyped-def]
+    response = upload(api, tenant_key, entity_column="user_id", label_field="label")
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def job_body(dataset_id: str, **privacy) -> dict:  # type: ignore[no-untyped-def]
+    return {
+        "dataset_id": dataset_id,
+        "base_model": "dpft/tiny-gpt2",
+        "hyperparameters": {"epochs": 1, "batch_size": 16},
+        "privacy": {"target_epsilon": 8.0, **privacy},
+    }
+
+
+def test_health_and_readiness(api) -> None:  # type: ignore[no-untyped-def]
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/readyz").json() == {"status": "ready"}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}])
+def test_requests_without_a_valid_key_are_401(api, headers) -> None:  # type: ignore[no-untyped-def]
+    response = api.get("/v1/models", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+
+
+def test_models_lists_the_builtin_presets(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+    models = {m["id"]: m for m in api.get("/v1/models", headers=auth(tenant_key)).json()["data"]}
+    assert {"dpft/tiny-gpt2", "dpft/tiny-llama", "dpft/tiny-bert"} <= set(models)
+    assert models["dpft/tiny-gpt2"]["builtin"] is True
+
+
+def test_upload_counts_records_entities_and_columns(dataset: dict) -> None:
+    assert dataset["num_records"] == 400
+    assert dataset["num_entities"] == len({json.loads(line)["user_id"] for line in SAMPLE.splitlines()})
+    assert dataset["columns"] == ["text", "label", "user_id"]
+    assert len(dataset["content_hash"]) == 64
+
+
+@pytest.mark.parametrize(
+    ("content", "fields", "message"),
+    [
+        (b'{"text": "ok"}\n{"text": broken\n', {}, "Line 2 is not valid JSON"),
+        (b'{"body": "no text field"}\n', {}, "no non-empty string field 'text'"),
+        (b"", {}, "no records"),
+        (b'{"text": "caf\xe9"}\n', {}, "not UTF-8"),
+        (b'{"text": "a"}\n', {"entity_column": "user"}, "no entity id in 'user'"),
+        (b"[1, 2]\n", {}, "not a JSON object"),
+    ],
+)
+def test_invalid_datasets_are_422_with_the_position_and_stored_nowhere(
+    api,
+    tenant_key: str,
+    api_env: dict,
+    content: bytes,
+    fields: dict,
+    message: str,  # type: ignore[no-untyped-def]
+) -> None:
+    from pathlib import Path
+
+    before = sorted(Path(api_env["DPFT_ARTIFACT_DIR"]).rglob("*"))
+    response = upload(api, tenant_key, content, **fields)
+    assert response.status_code == 422, response.text
+    assert message in response.json()["error"]["message"]
+    assert sorted(Path(api_env["DPFT_ARTIFACT_DIR"]).rglob("*")) == before
+
+
+def test_upload_over_the_size_limit_is_413(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+    response = upload(api, tenant_key, b'{"text": "x"}\n' * 30_000)
+    assert response.status_code == 413
+    assert "DPFT_MAX_UPLOAD_BYTES" in response.json()["error"]["message"]
+
+
+def test_job_creation_solves_the_plan_and_stores_a_queued_job(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    response = api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(dataset["id"]))
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["object"] == "job"
+    assert job["plan"]["epsilon"] <= 8.0
+    assert job["plan"]["sampling_probability"] == pytest.approx(16 / 400)
+    assert job["total_steps"] == job["plan"]["steps"] == 25
+    assert api.get(f"/v1/jobs/{job['id']}", headers=auth(tenant_key)).json()["id"] == job["id"]
+
+
+def test_entity_level_jobs_count_entities(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    body = job_body(dataset["id"], unit="entity", entity_column="user_id")
+    job = api.post("/v1/jobs", headers=auth(tenant_key), json=body).json()
+    assert job["plan"]["sampling_probability"] == pytest.approx(16 / dataset["num_entities"])
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "code"),
+    [
+        ({"privacy": {"target_epsilon": -1}}, 422, "invalid_request"),
+        ({"privacy": {}}, 422, "invalid_request"),
+        ({"privacy": {"target_epsilon": 1e-6}}, 422, "infeasible_privacy_spec"),
+        ({"privacy": {"target_epsilon": 8, "target_delta": 0.5}}, 422, "infeasible_privacy_spec"),
+        ({"hyperparameters": {"batch_size": 100_000}}, 422, "infeasible_privacy_spec"),
+        ({"hyperparameters": {"max_steps": 0}}, 422, "invalid_request"),
+        ({"base_model": "someone/unknown-model"}, 422, "invalid_request"),
+        ({"dataset_id": "ds_missing"}, 404, "not_found"),
+        ({"task": "sequence_classification", "dataset_id": None}, 422, "invalid_request"),
+    ],
+)
+def test_bad_job_requests_get_a_clear_4xx(api, tenant_key: str, dataset: dict, change, status, code) -> None:  # type: ignore[no-untyped-def]
+    body = job_body(dataset["id"])
+    for key, value in change.items():
+        body[key] = value
+    response = api.post("/v1/jobs", headers=auth(tenant_key), json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+
+
+def test_non_finite_numbers_are_422(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    raw = json.dumps(job_body(dataset["id"])).replace("8.0", "NaN")
+    response = api.post(
+        "/v1/jobs", headers={**auth(tenant_key), "Content-Type": "application/json"}, content=raw
+    )
+    assert response.status_code == 422
+
+
+def test_other_tenants_objects_are_404(api, tenant_key: str, other_tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    job = api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(dataset["id"])).json()
+    other = auth(other_tenant_key)
+    assert api.get(f"/v1/datasets/{dataset['id']}", headers=other).status_code == 404
+    assert api.get(f"/v1/jobs/{job['id']}", headers=other).status_code == 404
+    assert api.get(f"/v1/jobs/{job['id']}/metrics", headers=other).status_code == 404
+    assert api.post("/v1/jobs", headers=other, json=job_body(dataset["id"])).status_code == 404
+
+
+def test_idempotency_key_returns_the_same_job(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    headers = {**auth(tenant_key), "Idempotency-Key": "same-key-1"}
+    first = api.post("/v1/jobs", headers=headers, json=job_body(dataset["id"]))
+    second = api.post("/v1/jobs", headers=headers, json=job_body(dataset["id"]))
+    assert first.status_code == 201 and second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+    changed = api.post("/v1/jobs", headers=headers, json=job_body(dataset["id"], target_epsilon=4.0))
+    assert changed.status_code == 422
+
+
+def test_dataset_budget_refuses_a_job_that_would_overspend(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+    ds = upload(api, tenant_key, epsilon_budget=10).json()
+    assert api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(ds["id"])).status_code == 201
+    response = api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(ds["id"]))
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "privacy_budget_exceeded" and "left" in error["message"]
