@@ -1,0 +1,45 @@
+"""Shared fixtures of the engine tests: an isolated preset cache and a reference accountant."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _preset_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Presets are materialised into a per-session directory, never into the user's cache."""
+    import os
+
+    os.environ["DPFT_MODEL_CACHE"] = str(tmp_path_factory.mktemp("presets"))
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+def _rdp_epsilon_fn(noise_multiplier: float, sampling_probability: float, delta: float) -> Callable[[int], float]:
+    """Opacus' RDP accountant as an independent reference (not the code under test)."""
+
+    def epsilon(steps: int) -> float:
+        accountant = RDPAccountant()
+        accountant.history = [(noise_multiplier, sampling_probability, steps)]
+        return accountant.get_epsilon(delta)
+
+    return epsilon
+
+
+def _lm_records(count: int) -> list[dict[str, str]]:
+    return [{"text": f"record {i}: the customer called about invoice {i * 7}."} for i in range(count)]
+
+
+@pytest.fixture
+def rdp_epsilon_fn() -> Callable[..., Callable[[int], float]]:
+    """``rdp_epsilon_fn(noise, q, delta)(steps)``: Opacus' RDP epsilon, a reference accountant."""
+    return _rdp_epsilon_fn
+
+
+@pytest.fixture
+def lm_records() -> Callable[[int], list[dict[str, str]]]:
+    """``lm_records(n)``: n short distinct text records."""
+    return _lm_records

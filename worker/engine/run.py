@@ -1,0 +1,192 @@
+"""``train()``: what the Celery task calls; a thin driver of ``DPTrainer`` (one implementation)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PrinterCallback, TrainingArguments, set_seed
+from transformers.utils import logging as hf_logging
+
+from .config import TrainingConfig
+from .data import DPCollator, ExampleDataset, build_label_map, tokenize_records
+from .errors import EngineError
+from .models import load_model, load_tokenizer
+from .sampling import group_records_by_entity
+from .trainer import DPTrainer, EpsilonFn, StepReport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """The result of ``train``.
+
+    ``stop_reason`` is ``"completed"`` (all planned steps), ``"epsilon_budget"`` (the next step
+    would have exceeded the target epsilon) or ``"cancelled"`` (``should_stop`` said so).
+    ``adapter_dir`` holds the PEFT adapter alone for LoRA jobs, the full model otherwise.
+    ``final_loss`` is the last step's training loss: NOT covered by DP (see ``StepReport``).
+    """
+
+    steps: int
+    epsilon: float
+    stop_reason: str
+    adapter_dir: Path
+    final_loss: float
+    noise_source: str
+
+
+def _never() -> bool:
+    return False
+
+
+def train(
+    config: TrainingConfig,
+    records: Sequence[Mapping[str, Any]],
+    output_dir: Path,
+    on_step: Callable[[StepReport], None] | None = None,
+    should_stop: Callable[[], bool] = _never,
+    resume_from: Path | None = None,
+    *,
+    plan: Any = None,
+    epsilon_fn: EpsilonFn | None = None,
+) -> TrainingOutcome:
+    """Train ``config`` on ``records`` with DP-SGD and save the result under ``output_dir``.
+
+    ``plan`` (the solved ``PrivacyPlan`` or its dict) is what the accountant is built from;
+    without it, it is recomputed from ``config.privacy``. ``epsilon_fn`` replaces the accountant
+    entirely (tests). ``on_step`` is called after every logical step, ``should_stop`` before
+    every next one (cooperative cancel).
+    """
+    if resume_from is not None:
+        raise EngineError("resume_from is not supported yet")
+    if not records:
+        raise EngineError("the dataset is empty")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    hf_logging.disable_progress_bar()
+    hyper = config.hyperparameters
+    privacy = config.privacy
+    set_seed(hyper.seed)
+
+    tokenizer = load_tokenizer(config.base_model)
+    label_map = None
+    if config.task != "causal_lm":
+        assert config.label_field is not None
+        label_map = build_label_map(records, config.label_field, per_token=config.task == "token_classification")
+    examples = tokenize_records(
+        records,
+        tokenizer,
+        task=config.task,
+        text_field=config.text_field,
+        label_field=config.label_field,
+        max_seq_length=hyper.max_seq_length,
+        label_map=label_map,
+    )
+    if privacy.unit == "entity":
+        assert privacy.entity_column is not None
+        units = group_records_by_entity([record.get(privacy.entity_column) for record in records])
+    else:
+        units = [[index] for index in range(len(records))]
+
+    model = load_model(
+        config.base_model,
+        config.task,
+        num_labels=len(label_map) if label_map is not None else None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if label_map is not None:
+        model.config.id2label = {index: str(label) for label, index in label_map.items()}
+        model.config.label2id = {str(label): index for label, index in label_map.items()}
+    model = _apply_lora(model, config)
+
+    micro_batch_size = hyper.micro_batch_size or max(1, math.ceil(hyper.batch_size * 1.5))
+    args = TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"),
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=privacy.steps,
+        learning_rate=hyper.learning_rate,
+        weight_decay=hyper.weight_decay,
+        lr_scheduler_type=hyper.lr_scheduler_type,
+        warmup_steps=hyper.warmup_steps,
+        seed=hyper.seed,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    if privacy.expected_batch_size is None:
+        privacy.expected_batch_size = float(hyper.batch_size)
+    trainer = DPTrainer(
+        model=model,
+        args=args,
+        privacy_args=privacy,
+        train_dataset=ExampleDataset(examples),
+        units=units,
+        task=config.task,
+        data_collator=DPCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            per_token_labels=config.task != "sequence_classification",
+        ),
+        epsilon_fn=epsilon_fn,
+        plan=plan,
+        on_step=on_step,
+        should_stop=should_stop,
+    )
+    trainer.remove_callback(PrinterCallback)  # library code logs, it does not print
+    trainer.train()
+    steps = trainer.noisy_steps
+    stop_reason = trainer.stop_reason or ("completed" if steps >= privacy.steps else "cancelled")
+    adapter_dir = output_dir / ("adapter" if config.lora is not None else "model")
+    trainer.save_model(str(adapter_dir))
+    if config.lora is None:
+        tokenizer.save_pretrained(str(adapter_dir))
+    final_loss = trainer.step_reports[-1].loss if trainer.step_reports else float("nan")
+    outcome = TrainingOutcome(
+        steps=steps,
+        epsilon=trainer.epsilon_after(steps),
+        stop_reason=stop_reason,
+        adapter_dir=adapter_dir,
+        final_loss=final_loss,
+        noise_source=trainer.noise_random.description,
+    )
+    logger.info(
+        "training finished",
+        extra={"job_id": config.job_id, "steps": steps, "epsilon": outcome.epsilon, "stop_reason": stop_reason},
+    )
+    return outcome
+
+
+def _apply_lora(model: Any, config: TrainingConfig) -> Any:
+    if config.lora is None:
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from service.presets import get_preset
+
+    target_modules = config.lora.target_modules
+    if target_modules is None:
+        preset = get_preset(config.base_model)
+        if preset is not None:
+            target_modules = list(preset.lora_target_modules)
+    task_type = {
+        "causal_lm": TaskType.CAUSAL_LM,
+        "sequence_classification": TaskType.SEQ_CLS,
+        "token_classification": TaskType.TOKEN_CLS,
+    }[config.task]
+    lora_config = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, lora_config)

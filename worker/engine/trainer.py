@@ -1,0 +1,378 @@
+"""``DPTrainer``: a ``transformers.Trainer`` that runs DP-SGD, one hook per reason.
+
+How the Trainer's loop is made private (numbers refer to TRAINER-NOTES.md breakages and
+PRIVACY.md invariants):
+
+* ``get_train_dataloader``: one Poisson sample of units per logical step at the plan's ``q``
+  (PRIVACY 1-3, 5); the Trainer's gradient accumulation is forced to 1 because a logical batch
+  arrives whole and is split into physical micro-batches inside ``training_step`` (breakage 3:
+  nothing rescales the loss across micro-batches).
+* ``create_optimizer``: attaches Opacus' per-sample gradient hooks to the model *without*
+  wrapping it (the Trainer keeps seeing the plain model: forward signature, label names and
+  saving all work; breakages 1 and 7), then wraps the Trainer's optimizer in ``NoisyOptimizer``.
+* ``training_step``: clears per-sample state (breakage 2), runs the micro-batches with a
+  summed per-sample loss, clips and accumulates each micro-batch, leaves the noise and the step
+  to the Trainer's ``optimizer.step()``. An empty batch takes a noise-only step (PRIVACY 3).
+* The Trainer's own ``max_grad_norm`` is forced off (breakage 4) and its pre-noise ``grad_norm``
+  is neither computed nor logged (breakage 6, PRIVACY 15).
+* ``PrivacyCallback`` counts noisy steps from the optimizer itself (PRIVACY 4), asks the
+  accountant for epsilon after each, and stops training before a step that would exceed the
+  plan's steps or the target epsilon (PRIVACY 13).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .config import PrivacyArguments
+from .data import IGNORE_INDEX
+from .errors import EngineError, PrivacyViolationError
+from .randomness import RandomSource, make_random_source
+from .sampling import PoissonBatchSampler
+
+logger = logging.getLogger(__name__)
+
+EpsilonFn = Callable[[int], float]
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What is reported after each logical (noisy) step.
+
+    ``epsilon`` is the accountant's upper bound after ``step`` noisy steps. ``loss`` is the mean
+    per-example training loss of the step's Poisson batch: it is computed from private data
+    outside DP-SGD and is NOT covered by the privacy guarantee (PRIVACY.md 15); show it as such.
+    It is NaN for an empty batch. Neither the pre-noise gradient norm nor the batch size is
+    reported: both would leak.
+    """
+
+    step: int
+    epsilon: float
+    loss: float
+    learning_rate: float
+    timestamp: float
+
+
+class NoisyOptimizer(DPOptimizer):
+    """Opacus' DP optimizer with noise drawn from a ``RandomSource`` and a step counter.
+
+    Clipping, accumulation and the division by the expected (public) batch size are Opacus';
+    only the noise source changes, so that production noise is cryptographically secure
+    without torchcsprng (see ``randomness.py``). ``noisy_steps`` counts every call that added
+    noise: it is what the accountant is asked about.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, random: RandomSource, **kwargs: Any) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.random = random
+        self.noisy_steps = 0
+        self.last_learning_rate = float("nan")
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            summed = p.summed_grad
+            noise = self.random.normal(summed.shape, std, summed.dtype, summed.device) if std > 0 else 0.0
+            p.grad = (summed + noise).view_as(p)
+        self.noisy_steps += 1
+        self.last_learning_rate = float(self.param_groups[0]["lr"])
+
+
+def per_example_loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Loss of each example on its own, shape (batch,).
+
+    Token tasks average over the example's own labelled tokens, so an example's gradient never
+    depends on how many tokens other examples have (PRIVACY.md 8); padding and -100 labels
+    contribute nothing (PRIVACY.md 7). An example with no labelled token has loss 0.
+    """
+    if task == "sequence_classification":
+        return nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    if task == "causal_lm":
+        logits, labels = logits[:, :-1, :], labels[:, 1:]
+    token_loss = nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
+    ).view(labels.shape)
+    mask = labels.ne(IGNORE_INDEX)
+    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+class PrivacyCallback(TrainerCallback):
+    """Counts noisy steps, reports epsilon, and stops before the budget or the plan is exceeded."""
+
+    def __init__(self, trainer: DPTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+        self.trainer._check_budget_for_next_step(control)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+        trainer = self.trainer
+        optimizer = trainer.dp_optimizer
+        steps = optimizer.noisy_steps
+        if steps != state.global_step:
+            raise PrivacyViolationError(
+                f"the Trainer took {state.global_step} steps but {steps} added noise: accounting would be wrong"
+            )
+        epsilon = trainer.epsilon_after(steps)
+        report = StepReport(
+            step=steps,
+            epsilon=epsilon,
+            loss=trainer.last_step_loss,
+            learning_rate=optimizer.last_learning_rate,
+            timestamp=time.time(),
+        )
+        trainer.step_reports.append(report)
+        if trainer.on_step is not None:
+            trainer.on_step(report)
+        if trainer.should_stop is not None and trainer.should_stop():
+            trainer.stop_reason = "cancelled"
+            control.should_training_stop = True
+            return control
+        trainer._check_budget_for_next_step(control)
+        return control
+
+
+class DPTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains with DP-SGD as ``privacy_args`` plans it.
+
+    ``args.per_device_train_batch_size`` is the physical micro-batch (memory only); the logical
+    batch is a Poisson sample with probability ``privacy_args.sampling_probability`` per unit.
+    ``args.max_steps`` is set to ``privacy_args.steps`` (a different explicit value is refused).
+    ``units`` lists each privacy unit's record indices in ``train_dataset`` (default: one unit
+    per record). ``epsilon_fn(steps)`` is the accountant's epsilon after ``steps`` noisy steps
+    for this plan; by default it comes from ``service.privacy``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments,
+        privacy_args: PrivacyArguments,
+        train_dataset: Dataset,
+        *,
+        units: Sequence[Sequence[int]] | None = None,
+        task: str = "causal_lm",
+        epsilon_fn: EpsilonFn | None = None,
+        plan: Any = None,
+        on_step: Callable[[StepReport], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.privacy_args = privacy_args
+        self.task = task
+        _make_args_private(args, privacy_args)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        _refuse_unit_mixing_modules(self.model)
+        if units is None:
+            units = [[index] for index in range(len(train_dataset))]
+        self.units = units
+        seed = args.seed
+        self.sampler_random = make_random_source(secure_mode=privacy_args.secure_mode, seed=seed)
+        self.noise_random = make_random_source(secure_mode=privacy_args.secure_mode, seed=seed + 1)
+        if not privacy_args.secure_mode:
+            logger.warning("secure_mode is off: sampling and noise are seeded; this run is NOT private")
+        self.expected_batch_size = privacy_args.expected_batch_size or privacy_args.sampling_probability * len(
+            units
+        )
+        if epsilon_fn is None:
+            from .accounting import epsilon_fn_for
+
+            epsilon_fn = epsilon_fn_for(privacy_args, plan=plan, num_units=len(units))
+        self._epsilon_fn = epsilon_fn
+        self._epsilon_cache: dict[int, float] = {}
+        self.on_step = on_step
+        self.should_stop = should_stop
+        self.step_reports: list[StepReport] = []
+        self.stop_reason: str | None = None
+        self.last_step_loss = float("nan")
+        self.grad_sample_module: GradSampleModule | None = None
+        self.add_callback(PrivacyCallback(self))
+
+    # ---- accounting -------------------------------------------------------------------
+    def epsilon_after(self, steps: int) -> float:
+        """The accountant's epsilon after ``steps`` noisy steps (0 before any)."""
+        if steps <= 0:
+            return 0.0
+        if steps not in self._epsilon_cache:
+            self._epsilon_cache[steps] = float(self._epsilon_fn(steps))
+        return self._epsilon_cache[steps]
+
+    @property
+    def noisy_steps(self) -> int:
+        return self.dp_optimizer.noisy_steps if isinstance(self.optimizer_or_none, NoisyOptimizer) else 0
+
+    @property
+    def optimizer_or_none(self) -> torch.optim.Optimizer | None:
+        optimizer = self.optimizer
+        return getattr(optimizer, "optimizer", optimizer)
+
+    @property
+    def dp_optimizer(self) -> NoisyOptimizer:
+        optimizer = self.optimizer_or_none
+        if not isinstance(optimizer, NoisyOptimizer):
+            raise EngineError("the DP optimizer has not been created yet")
+        return optimizer
+
+    def _next_step_allowed(self) -> str | None:
+        """None when one more noisy step is allowed, else the stop reason."""
+        next_step = self.noisy_steps + 1
+        if next_step > self.privacy_args.steps:
+            return "completed"
+        target = self.privacy_args.target_epsilon
+        if target is not None and self.epsilon_after(next_step) > target:
+            return "epsilon_budget"
+        return None
+
+    def _check_budget_for_next_step(self, control: Any) -> None:
+        reason = self._next_step_allowed()
+        if reason is not None:
+            self.stop_reason = reason
+            control.should_training_stop = True
+
+    # ---- Trainer hooks ----------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        sampler = PoissonBatchSampler(
+            self.units, self.privacy_args.sampling_probability, self.sampler_random
+        )
+        self.poisson_sampler = sampler
+        return DataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=0,
+            pin_memory=False,
+        )
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        super().create_optimizer(model)
+        if isinstance(self.optimizer, NoisyOptimizer):
+            return self.optimizer
+        target = self.model if model is None else model
+        if self.grad_sample_module is None:
+            # Hooks only: the Trainer keeps calling the plain model and the hooks still fire.
+            self.grad_sample_module = GradSampleModule(
+                target, batch_first=True, loss_reduction="sum", strict=False
+            )
+        self.optimizer = NoisyOptimizer(
+            self.optimizer,
+            random=self.noise_random,
+            noise_multiplier=self.privacy_args.noise_multiplier,
+            max_grad_norm=self.privacy_args.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+            loss_reduction="mean",
+        )
+        return self.optimizer
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """The SUM over examples of each example's own loss (Opacus hooks with reduction 'sum')."""
+        labels = inputs["labels"]
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        outputs = model(**model_inputs)
+        loss = per_example_loss(self.task, outputs.logits, labels).sum()
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        reason = self._next_step_allowed()
+        if reason is not None:
+            raise PrivacyViolationError(f"a noisy step beyond the plan was attempted ({reason})")
+        optimizer = self.dp_optimizer
+        # Breakage 2: the Trainer zeroes the model's gradients, not the per-sample state.
+        optimizer.zero_grad(set_to_none=True)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        batch_size = int(inputs["input_ids"].shape[0])
+        device = inputs["input_ids"].device
+        if batch_size == 0:
+            # An empty Poisson batch: no per-sample gradient, the step adds noise only.
+            for p in optimizer.params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            self.last_step_loss = float("nan")
+            return torch.tensor(0.0, device=self.args.device)
+        micro = self.args.per_device_train_batch_size
+        chunks = [
+            {key: value[start : start + micro] for key, value in inputs.items()}
+            for start in range(0, batch_size, micro)
+        ]
+        total = torch.zeros((), device=device)
+        for index, chunk in enumerate(chunks):
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, chunk)
+            self.accelerator.backward(loss)
+            total += loss.detach()
+            _check_every_parameter_has_grad_sample(optimizer)
+            if index < len(chunks) - 1:
+                # Clip this micro-batch now and free its per-sample gradients (memory).
+                optimizer.clip_and_accumulate()
+                for p in optimizer.params:
+                    p.grad_sample = None
+        mean_loss = total / batch_size
+        self.last_step_loss = float(mean_loss)
+        return mean_loss.to(self.args.device)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> None:
+        # Breakage 6: the pre-noise gradient norm is private; never compute it.
+        return None
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        raise PrivacyViolationError("the Trainer's max_grad_norm must be off under DP-SGD")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Breakage 6 / PRIVACY 15: drop anything gradient-derived; the loss is labelled.
+        logs = {key: value for key, value in logs.items() if "grad_norm" not in key}
+        for key in ("loss", "train_loss"):
+            if key in logs:
+                logs[f"{key}_not_private"] = logs.pop(key)
+        super().log(logs, start_time)
+
+
+def _make_args_private(args: TrainingArguments, privacy_args: PrivacyArguments) -> None:
+    """Force the Trainer settings that DP-SGD needs (each one is a measured breakage)."""
+    if args.gradient_accumulation_steps != 1:
+        raise EngineError(
+            "gradient_accumulation_steps must be 1: the logical batch is Poisson-sampled whole and "
+            "per_device_train_batch_size is the physical micro-batch"
+        )
+    if args.max_steps not in (-1, 0, privacy_args.steps):
+        raise EngineError(
+            f"max_steps={args.max_steps} differs from the plan's {privacy_args.steps} steps; the plan is trained exactly"
+        )
+    args.max_steps = privacy_args.steps
+    args.max_grad_norm = 0.0
+    args.remove_unused_columns = False
+    args.dataloader_drop_last = False
+
+
+def _refuse_unit_mixing_modules(model: nn.Module) -> None:
+    """PRIVACY.md 8: batch statistics mix examples; per-sample gradients would be wrong."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise EngineError(f"module {name!r} ({type(module).__name__}) mixes examples; DP-SGD refuses it")
+
+
+def _check_every_parameter_has_grad_sample(optimizer: NoisyOptimizer) -> None:
+    """PRIVACY.md 9: a trainable parameter without a per-sample gradient would skip clipping."""
+    for p in optimizer.params:
+        if getattr(p, "grad_sample", None) is None:
+            raise PrivacyViolationError(
+                f"a trainable parameter of shape {tuple(p.shape)} got no per-sample gradient"
+            )
