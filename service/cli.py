@@ -191,14 +191,14 @@ def _watch(client, job: dict, *, timeout: float, worker_log: Path) -> dict:  # t
     deadline = time.monotonic() + timeout
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("train", total=job["total_steps"], status=job["status"], epsilon=0.0)
-        for job in client.follow(job["id"], interval=0.5):
-            progress.update(bar, completed=job["step"], status=job["status"], epsilon=job["epsilon"])
+        for current in client.follow(job["id"], interval=0.5):
+            progress.update(bar, completed=current["step"], status=current["status"], epsilon=current["epsilon"])
             if time.monotonic() > deadline:
                 console.print(
                     f"[red]The job did not finish within {timeout:.0f} s[/red]; worker log: {worker_log}"
                 )
                 raise typer.Exit(1)
-    return job
+    return current
 
 
 @keys_app.command("create")

@@ -109,7 +109,5 @@ class Client:
             time.sleep(interval)
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
-        job: dict[str, Any] = {}
-        for job in self.follow(job_id, timeout=timeout):
-            pass
-        return job
+        *_, last = self.follow(job_id, timeout=timeout)
+        return last

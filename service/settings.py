@@ -49,11 +49,6 @@ class Settings(BaseSettings):
         512 * 1024 * 1024, description="Largest dataset upload accepted (413 beyond)."
     )
     max_record_chars: int = Field(100_000, description="Longest text field accepted in a dataset record.")
-    insecure_seeded_noise: bool = Field(
-        False,
-        description="Allow jobs to seed the DP noise generator. Makes the noise predictable: tests only, "
-        "never for real data.",
-    )
     task_time_limit_s: int = Field(24 * 3600, description="Hard time limit of one training task.")
     metrics_flush_s: float = Field(1.0, description="How often the worker writes buffered metrics.")
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,15 @@ def write_privacy_report(job: Job, output_dir: Path, steps: int, epsilon: float)
     (output_dir / "privacy_report.json").write_text(json.dumps(report, indent=2))
 
 
+def engine_spec(job: Job, dataset: Dataset) -> dict[str, Any]:
+    """The job's request as the engine reads it: unset hyperparameters left to the engine's defaults."""
+    spec = dict(job.spec)
+    spec["hyperparameters"] = {k: v for k, v in spec["hyperparameters"].items() if v is not None}
+    spec["privacy"] = {k: v for k, v in spec["privacy"].items() if v is not None}
+    spec.update(job_id=job.id, text_field=dataset.text_field, label_field=dataset.label_field)
+    return spec
+
+
 def run_job(job_id: str, name: str) -> None:
     from worker.engine import TrainingConfig, train  # torch is imported only here, in the child
 
@@ -125,13 +136,7 @@ def run_job(job_id: str, name: str) -> None:
         session.expunge_all()
     store = get_artifact_store()
     records = load_records(store.path(dataset.storage_key), dataset.format)
-    config = TrainingConfig.from_job(
-        job.spec,
-        job.plan,
-        text_field=dataset.text_field,
-        label_field=dataset.label_field,
-        allow_seeded_noise=settings.insecure_seeded_noise,
-    )
+    config = TrainingConfig.from_job(engine_spec(job, dataset), job.plan)
     output_dir = store.path(f"jobs/{job_id}")
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -142,9 +147,9 @@ def run_job(job_id: str, name: str) -> None:
                 MetricRow(
                     step=report.step,
                     epsilon=report.epsilon,
-                    loss=report.loss,
+                    loss=None if math.isnan(report.loss) else report.loss,  # NaN: an empty Poisson batch
                     learning_rate=report.learning_rate,
-                    timestamp=report.timestamp,
+                    timestamp=datetime.fromtimestamp(report.timestamp, UTC),
                 )
             )
             logger.info(
