@@ -8,13 +8,13 @@ import json
 import logging
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import presets
 from service.errors import APIError, Conflict, InvalidRequest, NotFound
-from service.models import Dataset, Job, JobEvent, JobStatus, PrivacyLedgerEntry, Tenant
+from service.models import Dataset, Job, JobEvent, JobStatus, PrivacyLedgerEntry, Tenant, utcnow
 from service.privacy import InfeasiblePrivacySpec, PrivacyPlan, plan_privacy
 from service.schemas import JobCreate, JobOut, PlanOut
 from service.settings import get_settings
@@ -219,3 +219,58 @@ def job_out(job: Job) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
     )
+
+
+def cancel_job(session: Session, job: Job) -> Job:
+    """A queued job is cancelled at once; a running one is asked to stop (the trainer checks)."""
+    if JobStatus(job.status).is_terminal:
+        raise Conflict(f"Job {job.id} is already {job.status}; there is nothing to cancel.")
+    cancelled_now = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.queued)
+        .values(
+            status=JobStatus.cancelled, stop_reason="cancelled", finished_at=utcnow(), cancel_requested=True
+        )
+    ).rowcount
+    if cancelled_now:
+        session.execute(
+            update(PrivacyLedgerEntry)
+            .where(PrivacyLedgerEntry.job_id == job.id)
+            .values(epsilon=0.0, delta=0.0, state="spent")
+        )
+        add_event(session, job.id, "cancelled", "Cancelled before it started; nothing was spent.")
+    else:
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.running)
+            .values(status=JobStatus.cancelling, cancel_requested=True)
+        )
+        add_event(session, job.id, "cancel_requested", "Cancel requested; training stops within a few steps.")
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def list_jobs(
+    session: Session,
+    tenant: Tenant,
+    *,
+    status: str | None,
+    dataset_id: str | None,
+    after: str | None,
+    limit: int,
+) -> tuple[list[Job], bool]:
+    """Newest first, keyset-paged on (created_at, id)."""
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status:
+        query = query.where(Job.status == status)
+    if dataset_id:
+        query = query.where(Job.dataset_id == dataset_id)
+    if after:
+        cursor = get_job(session, tenant, after)
+        query = query.where(
+            (Job.created_at < cursor.created_at)
+            | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id))
+        )
+    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    return list(rows[:limit]), len(rows) > limit

@@ -215,3 +215,14 @@ class ModelOut(BaseModel):
     tasks: list[str] = Field(description="Tasks this model can be fine-tuned for.")
     builtin: bool = Field(description="True for the tiny presets that ship with dpft (random weights).")
     description: str
+
+
+class EventOut(BaseModel):
+    id: int = Field(description="Increasing event id; pass as `after` to get later events.")
+    object: Literal["event"] = "event"
+    type: str = Field(
+        description="created, queued, started, cancel_requested, cancelled, succeeded, failed, ..."
+    )
+    message: str
+    data: dict[str, Any]
+    created_at: datetime

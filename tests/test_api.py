@@ -176,3 +176,39 @@ def test_dataset_budget_refuses_a_job_that_would_overspend(api, tenant_key: str)
     assert response.status_code == 409
     error = response.json()["error"]
     assert error["code"] == "privacy_budget_exceeded" and "left" in error["message"]
+
+
+def test_cancel_a_queued_job_at_once_and_release_its_reservation(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+    ds = upload(api, tenant_key, epsilon_budget=10).json()
+    job = api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(ds["id"])).json()
+    reserved = api.get(f"/v1/datasets/{ds['id']}", headers=auth(tenant_key)).json()["epsilon_spent"]
+    assert reserved == pytest.approx(job["plan"]["epsilon"])
+    cancelled = api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(tenant_key))
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert api.get(f"/v1/datasets/{ds['id']}", headers=auth(tenant_key)).json()["epsilon_spent"] == 0
+    again = api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(tenant_key))
+    assert again.status_code == 409
+    events = api.get(f"/v1/jobs/{job['id']}/events", headers=auth(tenant_key)).json()["data"]
+    assert [e["type"] for e in events] == ["created", "queued", "cancelled"]
+
+
+def test_list_jobs_pages_newest_first_and_filters(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    ids = [
+        api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(dataset["id"])).json()["id"]
+        for _ in range(3)
+    ]
+    first = api.get(
+        "/v1/jobs", headers=auth(tenant_key), params={"limit": 2, "dataset_id": dataset["id"]}
+    ).json()
+    assert [j["id"] for j in first["data"]] == ids[::-1][:2] and first["has_more"]
+    second = api.get(
+        "/v1/jobs",
+        headers=auth(tenant_key),
+        params={"limit": 2, "dataset_id": dataset["id"], "after": first["data"][-1]["id"]},
+    ).json()
+    assert second["data"][0]["id"] == ids[0]
+    queued = api.get("/v1/jobs", headers=auth(tenant_key), params={"status": "queued", "limit": 100}).json()[
+        "data"
+    ]
+    assert all(j["status"] == "queued" for j in queued)
+    assert api.get("/v1/jobs", headers=auth(tenant_key), params={"status": "bogus"}).status_code == 422

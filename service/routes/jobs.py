@@ -9,10 +9,10 @@ from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy import select
 
 from service.auth import CurrentTenant, DbSession
-from service.jobs import create_job, get_job, job_out
-from service.models import JobMetric
+from service.jobs import cancel_job, create_job, get_job, job_out, list_jobs
+from service.models import JobEvent, JobMetric, JobStatus
 from service.queue import enqueue_training
-from service.schemas import JobCreate, JobOut, MetricPoint, MetricsPage
+from service.schemas import EventOut, JobCreate, JobOut, ListResponse, MetricPoint, MetricsPage
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -39,6 +39,50 @@ def create(
     except Exception:  # the broker is down: the job stays queued and the sweeper re-sends it
         logger.exception("could not enqueue job %s; it stays queued", job.id)
     return job_out(job)
+
+
+@router.get("", response_model=ListResponse[JobOut], summary="List jobs, newest first")
+def list_(
+    session: DbSession,
+    tenant: CurrentTenant,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+    dataset_id: Annotated[str | None, Query(description="Only jobs on this dataset.")] = None,
+    after: Annotated[str | None, Query(description="Cursor: the last job id of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+) -> ListResponse[JobOut]:
+    jobs, has_more = list_jobs(
+        session, tenant, status=status, dataset_id=dataset_id, after=after, limit=limit
+    )
+    return ListResponse[JobOut](data=[job_out(job) for job in jobs], has_more=has_more)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job (cooperative)")
+def cancel(job_id: str, session: DbSession, tenant: CurrentTenant) -> JobOut:
+    job = cancel_job(session, get_job(session, tenant, job_id))
+    session.commit()
+    return job_out(job)
+
+
+@router.get("/{job_id}/events", response_model=ListResponse[EventOut], summary="The job's event log")
+def events(
+    job_id: str,
+    session: DbSession,
+    tenant: CurrentTenant,
+    after: Annotated[int, Query(ge=0, description="Only events with a larger id.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Page size.")] = 100,
+) -> ListResponse[EventOut]:
+    get_job(session, tenant, job_id)
+    rows = session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.id > after)
+        .order_by(JobEvent.id)
+        .limit(limit + 1)
+    ).all()
+    data = [
+        EventOut(id=e.id, type=e.type, message=e.message, data=e.data or {}, created_at=e.created_at)
+        for e in rows[:limit]
+    ]
+    return ListResponse[EventOut](data=data, has_more=len(rows) > limit)
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Read a job")
