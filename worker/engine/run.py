@@ -65,9 +65,49 @@ def train(
     """
     if resume_from is not None:
         raise EngineError("resume_from is not supported yet")
+    output_dir = Path(output_dir)
+    trainer = build_trainer(
+        config, records, output_dir, on_step=on_step, should_stop=should_stop, plan=plan, epsilon_fn=epsilon_fn
+    )
+    tokenizer = trainer.processing_class
+    privacy = config.privacy
+    trainer.train()
+    steps = trainer.noisy_steps
+    stop_reason = trainer.stop_reason or ("completed" if steps >= privacy.steps else "cancelled")
+    adapter_dir = output_dir / ("adapter" if config.lora is not None else "model")
+    # The plain model (never the Opacus wrapper): a LoRA job writes the PEFT adapter alone.
+    trainer.model.save_pretrained(str(adapter_dir))
+    if config.lora is None:
+        tokenizer.save_pretrained(str(adapter_dir))
+    final_loss = trainer.step_reports[-1].loss if trainer.step_reports else float("nan")
+    outcome = TrainingOutcome(
+        steps=steps,
+        epsilon=trainer.epsilon_after(steps),
+        stop_reason=stop_reason,
+        adapter_dir=adapter_dir,
+        final_loss=final_loss,
+        noise_source=trainer.noise_random.description,
+    )
+    logger.info(
+        "training finished",
+        extra={"job_id": config.job_id, "steps": steps, "epsilon": outcome.epsilon, "stop_reason": stop_reason},
+    )
+    return outcome
+
+
+def build_trainer(
+    config: TrainingConfig,
+    records: Sequence[Mapping[str, Any]],
+    output_dir: Path,
+    *,
+    on_step: Callable[[StepReport], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    plan: Any = None,
+    epsilon_fn: EpsilonFn | None = None,
+) -> DPTrainer:
+    """The ``DPTrainer`` that ``train`` runs: data tokenised, model loaded (with LoRA), units grouped."""
     if not records:
         raise EngineError("the dataset is empty")
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     hf_logging.disable_progress_bar()
     hyper = config.hyperparameters
@@ -140,29 +180,10 @@ def train(
         plan=plan,
         on_step=on_step,
         should_stop=should_stop,
+        processing_class=tokenizer,
     )
     trainer.remove_callback(PrinterCallback)  # library code logs, it does not print
-    trainer.train()
-    steps = trainer.noisy_steps
-    stop_reason = trainer.stop_reason or ("completed" if steps >= privacy.steps else "cancelled")
-    adapter_dir = output_dir / ("adapter" if config.lora is not None else "model")
-    trainer.save_model(str(adapter_dir))
-    if config.lora is None:
-        tokenizer.save_pretrained(str(adapter_dir))
-    final_loss = trainer.step_reports[-1].loss if trainer.step_reports else float("nan")
-    outcome = TrainingOutcome(
-        steps=steps,
-        epsilon=trainer.epsilon_after(steps),
-        stop_reason=stop_reason,
-        adapter_dir=adapter_dir,
-        final_loss=final_loss,
-        noise_source=trainer.noise_random.description,
-    )
-    logger.info(
-        "training finished",
-        extra={"job_id": config.job_id, "steps": steps, "epsilon": outcome.epsilon, "stop_reason": stop_reason},
-    )
-    return outcome
+    return trainer
 
 
 def _apply_lora(model: Any, config: TrainingConfig) -> Any:
