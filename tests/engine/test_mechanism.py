@@ -126,7 +126,8 @@ def test_noiseless_step_is_the_sum_of_clipped_gradients_over_the_expected_batch(
     clip = sorted(_norm(g) for g in singles)[3]
     trainer.dp_optimizer.max_grad_norm = clip
     expected = {
-        name: sum(min(1.0, clip / _norm(g)) * g[name] for g in singles) / EXPECTED_BATCH for name in singles[0]
+        name: sum(min(1.0, clip / _norm(g)) * g[name] for g in singles) / EXPECTED_BATCH
+        for name in singles[0]
     }
     actual = _noisy_gradient(trainer, list(range(6)))
     assert set(actual) == set(expected)

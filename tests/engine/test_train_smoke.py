@@ -20,13 +20,21 @@ def _config(steps: int = 12, **privacy: object) -> TrainingConfig:
         base_model="dpft/tiny-gpt2",
         task="causal_lm",
         privacy=PrivacyArguments(
-            noise_multiplier=1.0, sampling_probability=q, steps=steps, delta=1e-3, **privacy  # type: ignore[arg-type]
+            noise_multiplier=1.0,
+            sampling_probability=q,
+            steps=steps,
+            delta=1e-3,
+            **privacy,  # type: ignore[arg-type]
         ),
-        hyperparameters=Hyperparameters(batch_size=8, micro_batch_size=4, max_seq_length=24, learning_rate=1e-2),
+        hyperparameters=Hyperparameters(
+            batch_size=8, micro_batch_size=4, max_seq_length=24, learning_rate=1e-2
+        ),
     )
 
 
-def test_lora_causal_lm_trains_the_plan_and_saves_the_adapter_alone(tmp_path: Path, lm_records, rdp_epsilon_fn) -> None:
+def test_lora_causal_lm_trains_the_plan_and_saves_the_adapter_alone(
+    tmp_path: Path, lm_records, rdp_epsilon_fn
+) -> None:
     config = _config(steps=12)
     epsilon_fn = rdp_epsilon_fn(1.0, config.privacy.sampling_probability, 1e-3)
     reports: list[StepReport] = []

@@ -67,7 +67,13 @@ def train(
         raise EngineError("resume_from is not supported yet")
     output_dir = Path(output_dir)
     trainer = build_trainer(
-        config, records, output_dir, on_step=on_step, should_stop=should_stop, plan=plan, epsilon_fn=epsilon_fn
+        config,
+        records,
+        output_dir,
+        on_step=on_step,
+        should_stop=should_stop,
+        plan=plan,
+        epsilon_fn=epsilon_fn,
     )
     tokenizer = trainer.processing_class
     privacy = config.privacy
@@ -90,7 +96,12 @@ def train(
     )
     logger.info(
         "training finished",
-        extra={"job_id": config.job_id, "steps": steps, "epsilon": outcome.epsilon, "stop_reason": stop_reason},
+        extra={
+            "job_id": config.job_id,
+            "steps": steps,
+            "epsilon": outcome.epsilon,
+            "stop_reason": stop_reason,
+        },
     )
     return outcome
 
@@ -118,7 +129,9 @@ def build_trainer(
     label_map = None
     if config.task != "causal_lm":
         assert config.label_field is not None
-        label_map = build_label_map(records, config.label_field, per_token=config.task == "token_classification")
+        label_map = build_label_map(
+            records, config.label_field, per_token=config.task == "token_classification"
+        )
     examples = tokenize_records(
         records,
         tokenizer,

@@ -101,7 +101,10 @@ def per_example_loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> t
     if task == "causal_lm":
         logits, labels = logits[:, :-1, :], labels[:, 1:]
     token_loss = nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        reduction="none",
+        ignore_index=IGNORE_INDEX,
     ).view(labels.shape)
     mask = labels.ne(IGNORE_INDEX)
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
@@ -183,8 +186,8 @@ class DPTrainer(Trainer):
         self.noise_random = make_random_source(secure_mode=privacy_args.secure_mode, seed=seed + 1)
         if not privacy_args.secure_mode:
             logger.warning("secure_mode is off: sampling and noise are seeded; this run is NOT private")
-        self.expected_batch_size = privacy_args.expected_batch_size or privacy_args.sampling_probability * len(
-            units
+        self.expected_batch_size = (
+            privacy_args.expected_batch_size or privacy_args.sampling_probability * len(units)
         )
         if epsilon_fn is None:
             from .accounting import epsilon_fn_for
@@ -243,9 +246,7 @@ class DPTrainer(Trainer):
 
     # ---- Trainer hooks ----------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
-        sampler = PoissonBatchSampler(
-            self.units, self.privacy_args.sampling_probability, self.sampler_random
-        )
+        sampler = PoissonBatchSampler(self.units, self.privacy_args.sampling_probability, self.sampler_random)
         self.poisson_sampler = sampler
         return DataLoader(
             self.train_dataset,
