@@ -53,14 +53,12 @@ def train(
     should_stop: Callable[[], bool] = _never,
     resume_from: Path | None = None,
     *,
-    plan: Any = None,
     epsilon_fn: EpsilonFn | None = None,
 ) -> TrainingOutcome:
     """Train ``config`` on ``records`` with DP-SGD and save the result under ``output_dir``.
 
-    ``plan`` (the solved ``PrivacyPlan`` or its dict) is what the accountant is built from;
-    without it, it is recomputed from ``config.privacy``. ``epsilon_fn`` replaces the accountant
-    entirely (tests). ``on_step`` is called after every logical step, ``should_stop`` before
+    Epsilon comes from ``service.privacy.EpsilonTracker`` for ``config.privacy`` (the plan's
+    mechanism); ``epsilon_fn`` replaces it (tests). ``on_step`` is called after every logical step, ``should_stop`` before
     every next one (cooperative cancel).
     """
     if resume_from is not None:
@@ -72,7 +70,6 @@ def train(
         output_dir,
         on_step=on_step,
         should_stop=should_stop,
-        plan=plan,
         epsilon_fn=epsilon_fn,
     )
     tokenizer = trainer.processing_class
@@ -113,7 +110,6 @@ def build_trainer(
     *,
     on_step: Callable[[StepReport], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    plan: Any = None,
     epsilon_fn: EpsilonFn | None = None,
 ) -> DPTrainer:
     """The ``DPTrainer`` that ``train`` runs: data tokenised, model loaded (with LoRA), units grouped."""
@@ -190,7 +186,6 @@ def build_trainer(
             per_token_labels=config.task != "sequence_classification",
         ),
         epsilon_fn=epsilon_fn,
-        plan=plan,
         on_step=on_step,
         should_stop=should_stop,
         processing_class=tokenizer,

@@ -155,7 +155,7 @@ class DPTrainer(Trainer):
     ``args.max_steps`` is set to ``privacy_args.steps`` (a different explicit value is refused).
     ``units`` lists each privacy unit's record indices in ``train_dataset`` (default: one unit
     per record). ``epsilon_fn(steps)`` is the accountant's epsilon after ``steps`` noisy steps
-    for this plan; by default it comes from ``service.privacy``.
+    (default: ``service.privacy.EpsilonTracker`` for the mechanism in ``privacy_args``).
     """
 
     def __init__(
@@ -168,7 +168,6 @@ class DPTrainer(Trainer):
         units: Sequence[Sequence[int]] | None = None,
         task: str = "causal_lm",
         epsilon_fn: EpsilonFn | None = None,
-        plan: Any = None,
         on_step: Callable[[StepReport], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         **kwargs: Any,
@@ -192,7 +191,7 @@ class DPTrainer(Trainer):
         if epsilon_fn is None:
             from .accounting import epsilon_fn_for
 
-            epsilon_fn = epsilon_fn_for(privacy_args, plan=plan, num_units=len(units))
+            epsilon_fn = epsilon_fn_for(privacy_args)
         self._epsilon_fn = epsilon_fn
         self._epsilon_cache: dict[int, float] = {}
         self.on_step = on_step
