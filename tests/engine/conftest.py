@@ -45,3 +45,33 @@ def rdp_epsilon_fn() -> Callable[..., Callable[[int], float]]:
 def lm_records() -> Callable[[int], list[dict[str, str]]]:
     """``lm_records(n)``: n short distinct text records."""
     return _lm_records
+
+
+def _independent_gradient(model, example, task: str = "causal_lm") -> dict:
+    """Gradient of ONE example's loss, computed alone and unpadded, from the loss's definition.
+
+    causal_lm: mean next-token cross-entropy; sequence_classification: cross-entropy of the
+    example's label; token_classification: mean cross-entropy over tokens whose label is not -100.
+    """
+    import torch
+    from torch import nn
+
+    model.zero_grad(set_to_none=True)
+    ids = torch.tensor([example.input_ids])
+    logits = model(input_ids=ids).logits
+    if task == "causal_lm":
+        loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    elif task == "sequence_classification":
+        loss = nn.functional.cross_entropy(logits[0:1], torch.tensor([example.labels]))
+    else:
+        labels = torch.tensor(example.labels)
+        keep = labels != -100
+        loss = nn.functional.cross_entropy(logits[0][keep], labels[keep])
+    loss.backward()
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def independent_gradient() -> Callable[..., dict]:
+    """``independent_gradient(model, example, task)``: one example's gradient, by definition."""
+    return _independent_gradient

@@ -54,16 +54,6 @@ def _trainer(tmp_path: Path, records, *, noise: float, clip: float, micro: int =
     return trainer, reference
 
 
-def _independent_gradient(reference: nn.Module, input_ids: list[int]) -> dict[str, torch.Tensor]:
-    """Gradient of one example's mean next-token cross-entropy, alone and unpadded."""
-    reference.zero_grad(set_to_none=True)
-    ids = torch.tensor([input_ids])
-    logits = reference(input_ids=ids).logits
-    loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="mean")
-    loss.backward()
-    return {name: p.grad.detach().clone() for name, p in reference.named_parameters() if p.requires_grad}
-
-
 def _norm(gradient: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(g.pow(2).sum()) for g in gradient.values()))
 
@@ -92,20 +82,24 @@ def varied_records() -> list[dict[str, str]]:
     return [{"text": text} for text in texts]
 
 
-def test_per_example_gradients_match_single_example_backward_passes(tmp_path, varied_records) -> None:
+def test_per_example_gradients_match_single_example_backward_passes(
+    tmp_path, varied_records, independent_gradient
+) -> None:
     trainer, reference = _trainer(tmp_path, varied_records, noise=0.0, clip=1e6)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
     trainer.training_step(trainer.model, batch)
     names = {id(p): name for name, p in trainer.model.named_parameters()}
     for i in range(6):
-        expected = _independent_gradient(reference, trainer.train_dataset[i].input_ids)
+        expected = independent_gradient(reference, trainer.train_dataset[i])
         for p in trainer.dp_optimizer.params:
             torch.testing.assert_close(p.grad_sample[i], expected[names[id(p)]], rtol=1e-4, atol=1e-6)
 
 
-def test_each_clipped_gradient_is_at_most_the_bound_and_unchanged_below_it(tmp_path, varied_records) -> None:
+def test_each_clipped_gradient_is_at_most_the_bound_and_unchanged_below_it(
+    tmp_path, varied_records, independent_gradient
+) -> None:
     trainer, reference = _trainer(tmp_path, varied_records, noise=0.0, clip=1.0)
-    norms = [_norm(_independent_gradient(reference, example.input_ids)) for example in trainer.train_dataset]
+    norms = [_norm(independent_gradient(reference, example)) for example in trainer.train_dataset]
     clip = sorted(norms)[len(norms) // 2]  # half the examples are clipped, half are not
     trainer.dp_optimizer.max_grad_norm = clip
     trainer.dp_optimizer.expected_batch_size = 1
@@ -118,11 +112,11 @@ def test_each_clipped_gradient_is_at_most_the_bound_and_unchanged_below_it(tmp_p
 
 @pytest.mark.parametrize("micro", [6, 2, 1])
 def test_noiseless_step_is_the_sum_of_clipped_gradients_over_the_expected_batch(
-    tmp_path, varied_records, micro
+    tmp_path, varied_records, micro, independent_gradient
 ) -> None:
     """Padding, micro-batching and the actual batch size change nothing (PRIVACY.md 6, 7)."""
     trainer, reference = _trainer(tmp_path, varied_records, noise=0.0, clip=1.0, micro=micro)
-    singles = [_independent_gradient(reference, example.input_ids) for example in trainer.train_dataset]
+    singles = [independent_gradient(reference, example) for example in trainer.train_dataset]
     clip = sorted(_norm(g) for g in singles)[3]
     trainer.dp_optimizer.max_grad_norm = clip
     expected = {

@@ -78,3 +78,69 @@ def test_stops_before_the_step_that_would_exceed_the_target_epsilon(
     outcome = train(config, lm_records(64), tmp_path, epsilon_fn=epsilon_fn)
     assert outcome.stop_reason == "epsilon_budget"
     assert outcome.steps == 5 and outcome.epsilon <= target
+
+
+@pytest.mark.parametrize(
+    ("base_model", "task", "lora"),
+    [
+        ("dpft/tiny-llama", "causal_lm", True),
+        ("dpft/tiny-gpt2", "causal_lm", False),
+        ("dpft/tiny-bert", "sequence_classification", True),
+        ("dpft/tiny-bert", "token_classification", False),
+    ],
+)
+def test_every_task_trains_end_to_end(
+    tmp_path: Path, rdp_epsilon_fn, base_model: str, task: str, lora: bool
+) -> None:
+    if task == "causal_lm":
+        records = [{"text": f"note {i}: the order shipped on day {i}"} for i in range(24)]
+        fields = {}
+    elif task == "sequence_classification":
+        records = [
+            {"text": f"{'great' if i % 2 else 'awful'} service {i}", "label": i % 2} for i in range(24)
+        ]
+        fields = {"label_field": "label"}
+    else:
+        records = [
+            {"text": ["call", "Ann", "at", str(i)], "tags": ["O", "PER", "O", "NUM"]} for i in range(24)
+        ]
+        fields = {"label_field": "tags"}
+    config = TrainingConfig(
+        base_model=base_model,
+        task=task,  # type: ignore[arg-type]
+        privacy=PrivacyArguments(noise_multiplier=1.0, sampling_probability=0.25, steps=3, delta=1e-3),
+        hyperparameters=Hyperparameters(batch_size=6, micro_batch_size=4, max_seq_length=16),
+        lora=None if not lora else _config().lora,
+        **fields,
+    )
+    outcome = train(config, records, tmp_path, epsilon_fn=rdp_epsilon_fn(1.0, 0.25, 1e-3))
+    assert outcome.steps == 3 and outcome.stop_reason == "completed" and math.isfinite(outcome.final_loss)
+    expected = "adapter_model.safetensors" if lora else "model.safetensors"
+    assert (outcome.adapter_dir / expected).is_file()
+
+
+def test_from_job_takes_the_mechanism_from_the_plan_and_the_rest_from_the_spec() -> None:
+    spec = {
+        "base_model": "dpft/tiny-gpt2",
+        "task": "causal_lm",
+        "hyperparameters": {"epochs": 2, "batch_size": 10, "micro_batch_size": 5, "learning_rate": 1e-3},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["c_attn"]},
+        "privacy": {"target_epsilon": 3.0, "max_grad_norm": 0.5, "unit": "entity", "entity_column": "user"},
+        "text_field": "body",
+    }
+    plan = {
+        "noise_multiplier": 1.3,
+        "sampling_probability": 0.1,
+        "steps": 20,
+        "delta": 1e-5,
+        "accountant": "rdp",
+    }
+    config = TrainingConfig.from_job(spec, plan)
+    privacy = config.privacy
+    assert (privacy.noise_multiplier, privacy.sampling_probability, privacy.steps) == (1.3, 0.1, 20)
+    assert (privacy.delta, privacy.accountant, privacy.target_epsilon) == (1e-5, "rdp", 3.0)
+    assert (privacy.unit, privacy.entity_column, privacy.max_grad_norm) == ("entity", "user", 0.5)
+    assert privacy.secure_mode is True and privacy.expected_batch_size == 10
+    assert config.hyperparameters.micro_batch_size == 5 and config.text_field == "body"
+    assert config.lora is not None and config.lora.target_modules == ["c_attn"]
+    assert TrainingConfig.from_job({**spec, "lora": None}, plan).lora is None
