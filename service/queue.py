@@ -22,9 +22,8 @@ QUEUE = "gpu"
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("dpft", broker=settings.resolved_broker_url)
+    # (kombu's SQLAlchemy transport hands its options to create_engine, so it gets none.)
     transport_options: dict[str, object] = {}
-    if settings.resolved_broker_url.startswith("sqla+"):
-        transport_options["polling_interval"] = 0.5
     if settings.broker_key_prefix:
         transport_options["global_keyprefix"] = settings.broker_key_prefix
     app.conf.update(
