@@ -23,9 +23,11 @@ PRIVACY.md invariants):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +46,9 @@ from .sampling import PoissonBatchSampler
 logger = logging.getLogger(__name__)
 
 EpsilonFn = Callable[[int], float]
+
+#: File in each checkpoint with the noisy-step count and the sampler's and noise's state.
+DP_STATE_FILE = "dp_state.pt"
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,14 @@ class PrivacyCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+        self.trainer._restore_dp_state(state.global_step)
         self.trainer._check_budget_for_next_step(control)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            self.trainer.save_dp_state(checkpoint)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
@@ -243,6 +255,45 @@ class DPTrainer(Trainer):
             self.stop_reason = reason
             control.should_training_stop = True
 
+    # ---- checkpoints (PRIVACY.md 14) -----------------------------------------------------
+    def save_dp_state(self, checkpoint: Path) -> None:
+        """Write what the accountant and the sampler need to continue into ``checkpoint``.
+
+        Written last, after the Trainer's own files: a checkpoint without ``dp_state.pt`` is
+        incomplete and never resumed from.
+        """
+        state = {
+            "noisy_steps": self.noisy_steps,
+            "privacy": asdict(self.privacy_args),
+            "sampler_random": self.sampler_random.state_dict(),
+            "noise_random": self.noise_random.state_dict(),
+        }
+        temporary = checkpoint / (DP_STATE_FILE + ".tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, checkpoint / DP_STATE_FILE)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """``Trainer.train``; resuming also restores the noisy-step count and the sampler state."""
+        if isinstance(resume_from_checkpoint, bool):
+            raise EngineError("pass the checkpoint directory to resume from (see latest_checkpoint)")
+        if resume_from_checkpoint is not None:
+            self._resume_state = _load_dp_state(Path(resume_from_checkpoint), self.privacy_args)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _restore_dp_state(self, global_step: int) -> None:
+        state = getattr(self, "_resume_state", None)
+        if state is None:
+            return
+        optimizer = self.dp_optimizer
+        optimizer.noisy_steps = int(state["noisy_steps"])
+        if optimizer.noisy_steps != global_step:
+            raise PrivacyViolationError(
+                f"checkpoint has {optimizer.noisy_steps} noisy steps but the Trainer resumes at step {global_step}"
+            )
+        self.sampler_random.load_state_dict(state["sampler_random"])
+        self.noise_random.load_state_dict(state["noise_random"])
+        self._resume_state = None
+
     # ---- Trainer hooks ----------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
         sampler = PoissonBatchSampler(self.units, self.privacy_args.sampling_probability, self.sampler_random)
@@ -358,6 +409,8 @@ def _make_args_private(args: TrainingArguments, privacy_args: PrivacyArguments) 
         )
     args.max_steps = privacy_args.steps
     args.max_grad_norm = 0.0
+    # Resuming restores the sampler's state instead of replaying (and re-drawing) batches.
+    args.ignore_data_skip = True
     args.remove_unused_columns = False
     args.dataloader_drop_last = False
 
@@ -376,3 +429,35 @@ def _check_every_parameter_has_grad_sample(optimizer: NoisyOptimizer) -> None:
             raise PrivacyViolationError(
                 f"a trainable parameter of shape {tuple(p.shape)} got no per-sample gradient"
             )
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    """The complete checkpoint with the most steps at or under ``path`` (itself, or its
+    ``checkpoint-N`` folders, or those of its ``checkpoints`` folder); None if there is none."""
+    if (path / DP_STATE_FILE).is_file():
+        return path
+    candidates = [*path.glob("checkpoint-*"), *path.glob("checkpoints/checkpoint-*")]
+    complete = [c for c in candidates if (c / DP_STATE_FILE).is_file() and c.name.split("-")[-1].isdigit()]
+    return max(complete, key=lambda c: int(c.name.split("-")[-1]), default=None)
+
+
+def _load_dp_state(checkpoint: Path, privacy_args: PrivacyArguments) -> dict[str, Any]:
+    """The checkpoint's DP state, refused if it was written for a different mechanism."""
+    file = checkpoint / DP_STATE_FILE
+    if not file.is_file():
+        raise EngineError(f"{checkpoint} is not a complete DP checkpoint (no {DP_STATE_FILE})")
+    state = torch.load(file, weights_only=False)
+    saved, current = state["privacy"], asdict(privacy_args)
+    keys = (
+        "noise_multiplier",
+        "sampling_probability",
+        "steps",
+        "delta",
+        "max_grad_norm",
+        "unit",
+        "accountant",
+    )
+    different = [key for key in keys if saved.get(key) != current.get(key)]
+    if different:
+        raise EngineError(f"checkpoint was trained with a different privacy mechanism ({different})")
+    return state
