@@ -78,3 +78,30 @@ def _independent_gradient(model, example, task: str = "causal_lm") -> dict:
 def independent_gradient() -> Callable[..., dict]:
     """``independent_gradient(model, example, task)``: one example's gradient, by definition."""
     return _independent_gradient
+
+
+def _record_batches(trainer) -> list[list[int]]:
+    """Patch ``trainer`` so that every Poisson batch its sampler draws is appended to the result."""
+    batches: list[list[int]] = []
+    make_loader = trainer.get_train_dataloader
+
+    def recording_loader():  # noqa: ANN202
+        loader = make_loader()
+        sampler = loader.batch_sampler
+        original = sampler.sample
+
+        def sample() -> list[int]:
+            batches.append(original())
+            return batches[-1]
+
+        sampler.sample = sample
+        return loader
+
+    trainer.get_train_dataloader = recording_loader
+    return batches
+
+
+@pytest.fixture
+def record_batches() -> Callable[..., list[list[int]]]:
+    """``record_batches(trainer)``: the list the trainer's drawn Poisson batches will fill."""
+    return _record_batches

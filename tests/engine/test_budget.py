@@ -36,7 +36,9 @@ def test_two_micro_batches_end_exactly_at_the_plan_and_below_the_target(tmp_path
     assert all(a.epsilon <= b.epsilon for a, b in zip(reports, reports[1:], strict=False))
 
 
-def test_the_trainer_counts_one_noisy_step_per_logical_batch(tmp_path: Path, lm_records) -> None:
+def test_the_trainer_counts_one_noisy_step_per_logical_batch(
+    tmp_path: Path, lm_records, record_batches
+) -> None:
     """Sampler batches, optimizer noise calls and Trainer steps are the same count."""
     config = TrainingConfig(
         base_model="dpft/tiny-gpt2",
@@ -45,17 +47,7 @@ def test_the_trainer_counts_one_noisy_step_per_logical_batch(tmp_path: Path, lm_
         hyperparameters=Hyperparameters(batch_size=16, micro_batch_size=3, max_seq_length=16),
     )
     trainer = build_trainer(config, lm_records(32), tmp_path, epsilon_fn=float)
-    drawn = []
-    original_sample = type(trainer).get_train_dataloader
-
-    def counting_loader(self):  # noqa: ANN001, ANN202
-        loader = original_sample(self)
-        sampler = loader.batch_sampler
-        original = sampler.sample
-        sampler.sample = lambda: drawn.append(original()) or drawn[-1]
-        return loader
-
-    trainer.get_train_dataloader = counting_loader.__get__(trainer)
+    drawn = record_batches(trainer)
     trainer.train()
     assert trainer.noisy_steps == trainer.state.global_step == 7
     assert len(drawn) == 7  # batches of about 16 split into micro-batches of 3: still 7 steps

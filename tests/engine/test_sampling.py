@@ -84,3 +84,32 @@ def test_secure_uniforms_and_normals_have_the_right_distribution() -> None:
     assert stats.kstest(uniforms, "uniform").pvalue > 1e-4
     normals = random.normal(torch.Size([20000]), 3.0, torch.float64, torch.device("cpu")).numpy()
     assert stats.kstest(normals, "norm", args=(0.0, 3.0)).pvalue > 1e-4
+
+
+def test_entity_level_training_samples_entities_not_records(tmp_path, record_batches) -> None:
+    from worker.engine import Hyperparameters, PrivacyArguments, TrainingConfig
+    from worker.engine.run import build_trainer
+
+    records = [{"text": f"message {i} from user {i % 5}", "user": f"u{i % 5}"} for i in range(40)]
+    config = TrainingConfig(
+        base_model="dpft/tiny-gpt2",
+        task="causal_lm",
+        privacy=PrivacyArguments(
+            noise_multiplier=1.0,
+            sampling_probability=0.6,
+            steps=6,
+            delta=1e-3,
+            unit="entity",
+            entity_column="user",
+        ),
+        hyperparameters=Hyperparameters(batch_size=3, max_seq_length=16),
+    )
+    trainer = build_trainer(config, records, tmp_path, epsilon_fn=float)
+    assert len(trainer.units) == 5  # q and the expected batch are counted in entities
+    assert trainer.expected_batch_size == 3
+    batches = record_batches(trainer)
+    trainer.train()
+    assert trainer.noisy_steps == 6 and len(batches) == 6
+    for batch in batches:
+        users = [records[i]["user"] for i in batch]
+        assert len(users) == len(set(users))
