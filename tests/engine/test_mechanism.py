@@ -31,7 +31,17 @@ def _no_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def _trainer(tmp_path: Path, records, *, noise: float, clip: float, micro: int = 16, lora: bool = True):
+def _trainer(
+    tmp_path: Path,
+    records,
+    *,
+    noise: float,
+    clip: float,
+    micro: int = 16,
+    lora: bool = True,
+    mode: str = "hooks",
+    clipping: str = "flat",
+):
     config = TrainingConfig(
         base_model="dpft/tiny-gpt2",
         task="causal_lm",
@@ -42,6 +52,8 @@ def _trainer(tmp_path: Path, records, *, noise: float, clip: float, micro: int =
             delta=1e-3,
             max_grad_norm=clip,
             expected_batch_size=EXPECTED_BATCH,
+            grad_sample_mode=mode,
+            clipping=clipping,
         ),
         hyperparameters=Hyperparameters(batch_size=8, micro_batch_size=micro, max_seq_length=24),
     )
@@ -110,15 +122,20 @@ def test_each_clipped_gradient_is_at_most_the_bound_and_unchanged_below_it(
         assert clipped == pytest.approx(min(unclipped, clip), rel=1e-4)
 
 
-@pytest.mark.parametrize("micro", [6, 2, 1])
+@pytest.mark.parametrize(
+    ("mode", "micro"), [("hooks", 6), ("hooks", 2), ("hooks", 1), ("ghost", 6), ("ghost", 2)]
+)
 def test_noiseless_step_is_the_sum_of_clipped_gradients_over_the_expected_batch(
-    tmp_path, varied_records, micro, independent_gradient
+    tmp_path, varied_records, mode, micro, independent_gradient
 ) -> None:
-    """Padding, micro-batching and the actual batch size change nothing (PRIVACY.md 6, 7)."""
-    trainer, reference = _trainer(tmp_path, varied_records, noise=0.0, clip=1.0, micro=micro)
+    """Padding, micro-batching, the actual batch size and the clipping engine change nothing
+    (PRIVACY.md 6, 7)."""
+    trainer, reference = _trainer(tmp_path, varied_records, noise=0.0, clip=1.0, micro=micro, mode=mode)
     singles = [independent_gradient(reference, example) for example in trainer.train_dataset]
     clip = sorted(_norm(g) for g in singles)[3]
     trainer.dp_optimizer.max_grad_norm = clip
+    if mode == "ghost":
+        trainer.grad_sample_module.max_grad_norm = clip
     expected = {
         name: sum(min(1.0, clip / _norm(g)) * g[name] for g in singles) / EXPECTED_BATCH
         for name in singles[0]
@@ -129,9 +146,12 @@ def test_noiseless_step_is_the_sum_of_clipped_gradients_over_the_expected_batch(
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-7)
 
 
-def test_noise_is_gaussian_with_std_noise_multiplier_times_clip_on_the_sum(tmp_path, varied_records) -> None:
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_noise_is_gaussian_with_std_noise_multiplier_times_clip_on_the_sum(
+    tmp_path, varied_records, mode
+) -> None:
     noise, clip = 2.0, 0.5
-    trainer, _ = _trainer(tmp_path, varied_records, noise=0.0, clip=clip)
+    trainer, _ = _trainer(tmp_path, varied_records, noise=0.0, clip=clip, mode=mode)
     deterministic = _noisy_gradient(trainer, [0, 1, 2])
     trainer.dp_optimizer.noise_multiplier = noise
     samples = []
@@ -147,8 +167,9 @@ def test_noise_is_gaussian_with_std_noise_multiplier_times_clip_on_the_sum(tmp_p
     assert stats.kstest(values, "norm", args=(0.0, noise * clip)).pvalue > 1e-4
 
 
-def test_empty_batch_takes_a_noise_only_step_and_is_counted(tmp_path, varied_records) -> None:
-    trainer, _ = _trainer(tmp_path, varied_records, noise=1.0, clip=1.0)
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_batch_takes_a_noise_only_step_and_is_counted(tmp_path, varied_records, mode) -> None:
+    trainer, _ = _trainer(tmp_path, varied_records, noise=1.0, clip=1.0, mode=mode)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     empty = trainer.data_collator([])
     assert empty["input_ids"].shape[0] == 0
@@ -163,3 +184,29 @@ def test_production_noise_source_is_secure_by_default(tmp_path, varied_records) 
     trainer, _ = _trainer(tmp_path, varied_records, noise=1.0, clip=1.0)
     assert trainer.privacy_args.secure_mode is True
     assert trainer.noise_random.is_secure and trainer.sampler_random.is_secure
+
+
+def test_per_layer_clipping_bounds_each_tensor_by_clip_over_sqrt_k(
+    tmp_path, varied_records, independent_gradient
+):
+    trainer, reference = _trainer(tmp_path, varied_records, noise=0.0, clip=0.05, clipping="per_layer")
+    singles = [independent_gradient(reference, example) for example in trainer.train_dataset]
+    bound = 0.05 / math.sqrt(len(singles[0]))
+    assert trainer.dp_optimizer.max_grad_norm == pytest.approx(0.05)  # the noise's sensitivity
+    expected = {
+        name: sum(min(1.0, bound / max(float(g[name].norm()), 1e-12)) * g[name] for g in singles)
+        / EXPECTED_BATCH
+        for name in singles[0]
+    }
+    clipped = sum(1 for g in singles for name in g if float(g[name].norm()) > bound)
+    assert 0 < clipped < len(singles) * len(singles[0])  # some tensors clipped, some not
+    actual = _noisy_gradient(trainer, list(range(6)))
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-8)
+
+
+def test_ghost_clipping_refuses_tied_parameters(tmp_path, varied_records) -> None:
+    from worker.engine import EngineError
+
+    with pytest.raises(EngineError, match="ghost"):
+        _trainer(tmp_path, varied_records, noise=1.0, clip=1.0, mode="ghost", lora=False)

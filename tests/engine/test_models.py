@@ -56,10 +56,7 @@ COMBINATIONS = [
 ]
 
 
-@pytest.mark.parametrize(("base_model", "task", "lora"), COMBINATIONS)
-def test_per_example_gradients_are_exact(
-    tmp_path: Path, independent_gradient, base_model: str, task: str, lora: bool
-) -> None:
+def _trainer(tmp_path: Path, base_model: str, task: str, lora: bool, mode: str = "hooks"):
     records, text_field, label_field = RECORDS[task]
     config = TrainingConfig(
         base_model=base_model,
@@ -67,7 +64,13 @@ def test_per_example_gradients_are_exact(
         text_field=text_field,
         label_field=label_field,
         privacy=PrivacyArguments(
-            noise_multiplier=0.0, sampling_probability=0.5, steps=10, delta=1e-3, secure_mode=False
+            noise_multiplier=0.0,
+            sampling_probability=0.5,
+            steps=10,
+            delta=1e-3,
+            secure_mode=False,
+            grad_sample_mode=mode,
+            expected_batch_size=4,
         ),
         hyperparameters=Hyperparameters(batch_size=4, micro_batch_size=8, max_seq_length=32),
     )
@@ -79,7 +82,15 @@ def test_per_example_gradients_are_exact(
             module.p = 0.0
     reference = copy.deepcopy(trainer.model)
     trainer.create_optimizer()
-    examples = [trainer.train_dataset[i] for i in range(len(records))]
+    return trainer, reference
+
+
+@pytest.mark.parametrize(("base_model", "task", "lora"), COMBINATIONS)
+def test_per_example_gradients_are_exact(
+    tmp_path: Path, independent_gradient, base_model: str, task: str, lora: bool
+) -> None:
+    trainer, reference = _trainer(tmp_path, base_model, task, lora)
+    examples = list(trainer.train_dataset)
     batch = trainer.data_collator(examples)
     assert batch["position_ids"].shape == batch["input_ids"].shape
     trainer.training_step(trainer.model, batch)
@@ -93,3 +104,30 @@ def test_per_example_gradients_are_exact(
         expected = independent_gradient(reference, example, task)
         for p in trainer.dp_optimizer.params:
             torch.testing.assert_close(p.grad_sample[i], expected[names[id(p)]], rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    ("base_model", "task", "lora"),
+    [
+        ("dpft/tiny-llama", "causal_lm", False),
+        ("dpft/tiny-bert", "sequence_classification", False),
+        ("dpft/tiny-gpt2", "causal_lm", True),
+    ],
+)
+def test_ghost_clipping_gives_the_clipped_sum_by_definition(
+    tmp_path: Path, independent_gradient, base_model: str, task: str, lora: bool
+) -> None:
+    trainer, reference = _trainer(tmp_path, base_model, task, lora, mode="ghost")
+    examples = list(trainer.train_dataset)
+    singles = [independent_gradient(reference, example, task) for example in examples]
+    norms = [sum(float(g.pow(2).sum()) for g in single.values()) ** 0.5 for single in singles]
+    clip = sorted(norms)[len(norms) // 2]
+    trainer.dp_optimizer.max_grad_norm = clip
+    trainer.grad_sample_module.max_grad_norm = clip
+    trainer.training_step(trainer.model, trainer.data_collator(examples))
+    assert trainer.dp_optimizer.pre_step()
+    names = {id(p): name for name, p in trainer.model.named_parameters()}
+    for p in trainer.dp_optimizer.params:
+        name = names[id(p)]
+        expected = sum(min(1.0, clip / n) * g[name] for g, n in zip(singles, norms, strict=True)) / 4
+        torch.testing.assert_close(p.grad, expected, rtol=2e-4, atol=2e-6)

@@ -38,9 +38,19 @@ class PrivacyArguments:
         default=None, metadata={"help": "Record field holding the entity id (unit='entity')."}
     )
     grad_sample_mode: str = field(
-        default="hooks", metadata={"help": "Per-sample gradient engine: 'hooks' (Opacus hooks)."}
+        default="hooks",
+        metadata={
+            "help": "'hooks': Opacus per-sample gradients (fastest on small models); 'ghost': ghost "
+            "clipping, per-sample norms without per-sample gradients (less memory)."
+        },
     )
-    clipping: str = field(default="flat", metadata={"help": "'flat': one bound on the whole gradient."})
+    clipping: str = field(
+        default="flat",
+        metadata={
+            "help": "'flat': one bound C on each unit's whole gradient; 'per_layer': each parameter "
+            "tensor clipped to C / sqrt(K) (K tensors), the same total bound C."
+        },
+    )
     secure_mode: bool = field(
         default=True,
         metadata={
@@ -68,10 +78,12 @@ class PrivacyArguments:
             raise EngineError(f"unit must be 'record' or 'entity', got {self.unit!r}")
         if self.unit == "entity" and not self.entity_column:
             raise EngineError("unit='entity' needs entity_column")
-        if self.grad_sample_mode not in ("hooks",):
-            raise EngineError(f"grad_sample_mode {self.grad_sample_mode!r} is not supported (use 'hooks')")
-        if self.clipping not in ("flat",):
-            raise EngineError(f"clipping {self.clipping!r} is not supported (use 'flat')")
+        if self.grad_sample_mode not in ("hooks", "ghost"):
+            raise EngineError(f"grad_sample_mode must be 'hooks' or 'ghost', got {self.grad_sample_mode!r}")
+        if self.clipping not in ("flat", "per_layer"):
+            raise EngineError(f"clipping must be 'flat' or 'per_layer', got {self.clipping!r}")
+        if self.clipping == "per_layer" and self.grad_sample_mode == "ghost":
+            raise EngineError("per-layer clipping needs grad_sample_mode='hooks'")
 
     @classmethod
     def from_plan(cls, plan: Any, **overrides: Any) -> PrivacyArguments:

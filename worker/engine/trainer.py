@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -69,29 +69,43 @@ class StepReport:
     timestamp: float
 
 
-class NoisyOptimizer(DPOptimizer):
-    """Opacus' DP optimizer with noise drawn from a ``RandomSource`` and a step counter.
+class NoisySteps:
+    """Mixin for Opacus' DP optimizers: noise from a ``RandomSource`` and a noisy-step counter.
 
-    Clipping, accumulation and the division by the expected (public) batch size are Opacus';
+    Clipping, accumulation and the division by the expected (public) batch size stay Opacus';
     only the noise source changes, so that production noise is cryptographically secure
     without torchcsprng (see ``randomness.py``). ``noisy_steps`` counts every call that added
-    noise: it is what the accountant is asked about.
+    noise: it is what the accountant is asked about (PRIVACY.md 4).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, random: RandomSource, **kwargs: Any) -> None:
-        super().__init__(optimizer, **kwargs)
+        super().__init__(optimizer, **kwargs)  # type: ignore[call-arg]
         self.random = random
         self.noisy_steps = 0
         self.last_learning_rate = float("nan")
 
     def add_noise(self) -> None:
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
+        # For per-layer clipping ``max_grad_norm`` is the norm of the per-layer bounds: the
+        # sensitivity of the summed gradient, as in Opacus.
+        std = self.noise_multiplier * self.max_grad_norm  # type: ignore[attr-defined]
+        for p in self.params:  # type: ignore[attr-defined]
             summed = p.summed_grad
             noise = self.random.normal(summed.shape, std, summed.dtype, summed.device) if std > 0 else 0.0
             p.grad = (summed + noise).view_as(p)
         self.noisy_steps += 1
-        self.last_learning_rate = float(self.param_groups[0]["lr"])
+        self.last_learning_rate = float(self.param_groups[0]["lr"])  # type: ignore[attr-defined]
+
+
+class NoisyOptimizer(NoisySteps, DPOptimizer):
+    """Flat clipping of per-sample gradients (hooks mode)."""
+
+
+class NoisyPerLayerOptimizer(NoisySteps, DPPerLayerOptimizer):
+    """Per-layer clipping: each parameter tensor clipped to C / sqrt(K), total bound C."""
+
+
+class NoisyGhostOptimizer(NoisySteps, DPOptimizerFastGradientClipping):
+    """Ghost clipping: gradients arrive already clipped and summed in ``p.grad``."""
 
 
 def per_example_loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -225,7 +239,7 @@ class DPTrainer(Trainer):
 
     @property
     def noisy_steps(self) -> int:
-        return self.dp_optimizer.noisy_steps if isinstance(self.optimizer_or_none, NoisyOptimizer) else 0
+        return self.dp_optimizer.noisy_steps if isinstance(self.optimizer_or_none, NoisySteps) else 0
 
     @property
     def optimizer_or_none(self) -> torch.optim.Optimizer | None:
@@ -233,9 +247,9 @@ class DPTrainer(Trainer):
         return getattr(optimizer, "optimizer", optimizer)
 
     @property
-    def dp_optimizer(self) -> NoisyOptimizer:
+    def dp_optimizer(self) -> Any:
         optimizer = self.optimizer_or_none
-        if not isinstance(optimizer, NoisyOptimizer):
+        if not isinstance(optimizer, NoisySteps):
             raise EngineError("the DP optimizer has not been created yet")
         return optimizer
 
@@ -308,23 +322,54 @@ class DPTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         super().create_optimizer(model)
-        if isinstance(self.optimizer, NoisyOptimizer):
+        if isinstance(self.optimizer, NoisySteps):
             return self.optimizer
         target = self.model if model is None else model
+        privacy = self.privacy_args
+        ghost = privacy.grad_sample_mode == "ghost"
+        if ghost:
+            _refuse_tied_trainable_parameters(target)
         if self.grad_sample_module is None:
             # Hooks only: the Trainer keeps calling the plain model and the hooks still fire.
-            self.grad_sample_module = GradSampleModule(
-                target, batch_first=True, loss_reduction="sum", strict=False
+            try:
+                if ghost:
+                    self.grad_sample_module = GradSampleModuleFastGradientClipping(
+                        target,
+                        batch_first=True,
+                        loss_reduction="sum",
+                        strict=False,
+                        max_grad_norm=privacy.max_grad_norm,
+                        use_ghost_clipping=True,
+                    )
+                else:
+                    self.grad_sample_module = GradSampleModule(
+                        target, batch_first=True, loss_reduction="sum", strict=False
+                    )
+            except NotImplementedError as error:
+                raise EngineError(f"grad_sample_mode={privacy.grad_sample_mode!r}: {error}") from error
+        common = {
+            "random": self.noise_random,
+            "noise_multiplier": privacy.noise_multiplier,
+            "expected_batch_size": self.expected_batch_size,
+            "loss_reduction": "mean",
+        }
+        if ghost:
+            self.optimizer = NoisyGhostOptimizer(
+                self.optimizer, max_grad_norm=privacy.max_grad_norm, **common
             )
-        self.optimizer = NoisyOptimizer(
-            self.optimizer,
-            random=self.noise_random,
-            noise_multiplier=self.privacy_args.noise_multiplier,
-            max_grad_norm=self.privacy_args.max_grad_norm,
-            expected_batch_size=self.expected_batch_size,
-            loss_reduction="mean",
-        )
+        elif privacy.clipping == "per_layer":
+            count = len([p for group in self.optimizer.param_groups for p in group["params"]])
+            bounds = [privacy.max_grad_norm / count**0.5] * count
+            self.optimizer = NoisyPerLayerOptimizer(self.optimizer, max_grad_norm=bounds, **common)
+        else:
+            self.optimizer = NoisyOptimizer(self.optimizer, max_grad_norm=privacy.max_grad_norm, **common)
         return self.optimizer
+
+    def per_example_losses(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each example's own loss, shape (batch,)."""
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        outputs = model(**model_inputs)
+        return per_example_loss(self.task, outputs.logits, inputs["labels"])
 
     def compute_loss(
         self,
@@ -334,29 +379,32 @@ class DPTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> Any:
         """The SUM over examples of each example's own loss (Opacus hooks with reduction 'sum')."""
-        labels = inputs["labels"]
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         outputs = model(**model_inputs)
-        loss = per_example_loss(self.task, outputs.logits, labels).sum()
+        loss = per_example_loss(self.task, outputs.logits, inputs["labels"]).sum()
         return (loss, outputs) if return_outputs else loss
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None
     ) -> torch.Tensor:
+        """One logical batch: micro-batches clipped and accumulated; noise comes at ``step()``."""
         reason = self._next_step_allowed()
         if reason is not None:
             raise PrivacyViolationError(f"a noisy step beyond the plan was attempted ({reason})")
         optimizer = self.dp_optimizer
+        ghost = isinstance(optimizer, NoisyGhostOptimizer)
         # Breakage 2: the Trainer zeroes the model's gradients, not the per-sample state.
         optimizer.zero_grad(set_to_none=True)
         model.train()
         inputs = self._prepare_inputs(inputs)
         batch_size = int(inputs["input_ids"].shape[0])
-        device = inputs["input_ids"].device
         if batch_size == 0:
             # An empty Poisson batch: no per-sample gradient, the step adds noise only.
             for p in optimizer.params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                if ghost:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             self.last_step_loss = float("nan")
             return torch.tensor(0.0, device=self.args.device)
         micro = self.args.per_device_train_batch_size
@@ -364,21 +412,44 @@ class DPTrainer(Trainer):
             {key: value[start : start + micro] for key, value in inputs.items()}
             for start in range(0, batch_size, micro)
         ]
-        total = torch.zeros((), device=device)
+        total = 0.0
         for index, chunk in enumerate(chunks):
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, chunk)
-            self.accelerator.backward(loss)
-            total += loss.detach()
-            _check_every_parameter_has_grad_sample(optimizer)
+                losses = self.per_example_losses(model, chunk)
+            if ghost:
+                self._ghost_clipped_backward(losses, optimizer)
+            else:
+                self.accelerator.backward(losses.sum())
+                _check_every_parameter_has(optimizer, "grad_sample")
+            total += float(losses.detach().sum())
             if index < len(chunks) - 1:
-                # Clip this micro-batch now and free its per-sample gradients (memory).
-                optimizer.clip_and_accumulate()
-                for p in optimizer.params:
-                    p.grad_sample = None
-        mean_loss = total / batch_size
-        self.last_step_loss = float(mean_loss)
-        return mean_loss.to(self.args.device)
+                # Breakage 5: bank this micro-batch's clipped sum before the next backward.
+                if ghost:
+                    optimizer.accumulate()
+                    for p in optimizer.params:
+                        p.grad = None
+                else:
+                    optimizer.clip_and_accumulate()
+                    for p in optimizer.params:
+                        p.grad_sample = None
+        self.last_step_loss = total / batch_size
+        return torch.tensor(self.last_step_loss, device=self.args.device)
+
+    def _ghost_clipped_backward(self, losses: torch.Tensor, optimizer: Any) -> None:
+        """Two backward passes: per-example norms (hooks), then the clipped sum into ``p.grad``."""
+        module = self.grad_sample_module
+        for p in optimizer.params:
+            p._norm_sample = None
+        losses.sum().backward(retain_graph=True)
+        _check_every_parameter_has(optimizer, "_norm_sample")
+        coefficients = module.get_clipping_coef().detach()
+        for p in optimizer.params:
+            p.grad = None  # the unclipped sum must never reach the step
+        module.disable_hooks()
+        try:
+            (coefficients.to(losses.device) * losses).sum().backward()
+        finally:
+            module.enable_hooks()
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> None:
         # Breakage 6: the pre-noise gradient norm is private; never compute it.
@@ -422,10 +493,27 @@ def _refuse_unit_mixing_modules(model: nn.Module) -> None:
             raise EngineError(f"module {name!r} ({type(module).__name__}) mixes examples; DP-SGD refuses it")
 
 
-def _check_every_parameter_has_grad_sample(optimizer: NoisyOptimizer) -> None:
-    """PRIVACY.md 9: a trainable parameter without a per-sample gradient would skip clipping."""
+def _refuse_tied_trainable_parameters(model: nn.Module) -> None:
+    """Ghost clipping computes one norm per module use; a parameter shared by two modules (GPT-2's
+    tied embedding and output layer) would be clipped wrongly, so Opacus fails mid-step. Say so first."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(name)
+    tied = [names for names in owners.values() if len(names) > 1]
+    if tied:
+        raise EngineError(
+            f"grad_sample_mode='ghost' does not support tied trainable parameters ({tied[0]}); "
+            "use LoRA or grad_sample_mode='hooks'"
+        )
+
+
+def _check_every_parameter_has(optimizer: Any, attribute: str) -> None:
+    """PRIVACY.md 9: a trainable parameter without a per-sample gradient (or norm) would skip
+    clipping; ``attribute`` is ``grad_sample`` (hooks) or ``_norm_sample`` (ghost)."""
     for p in optimizer.params:
-        if getattr(p, "grad_sample", None) is None:
+        if getattr(p, attribute, None) is None:
             raise PrivacyViolationError(
                 f"a trainable parameter of shape {tuple(p.shape)} got no per-sample gradient"
             )
