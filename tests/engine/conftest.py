@@ -21,9 +21,7 @@ def _preset_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
-def _rdp_epsilon_fn(
-    noise_multiplier: float, sampling_probability: float, delta: float
-) -> Callable[[int], float]:
+def _rdp_epsilon_fn(noise_multiplier: float, sampling_probability: float, delta: float) -> Callable[[int], float]:
     """Opacus' RDP accountant as an independent reference (not the code under test)."""
 
     def epsilon(steps: int) -> float:

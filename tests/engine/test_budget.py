@@ -36,9 +36,7 @@ def test_two_micro_batches_end_exactly_at_the_plan_and_below_the_target(tmp_path
     assert all(a.epsilon <= b.epsilon for a, b in zip(reports, reports[1:], strict=False))
 
 
-def test_the_trainer_counts_one_noisy_step_per_logical_batch(
-    tmp_path: Path, lm_records, record_batches
-) -> None:
+def test_the_trainer_counts_one_noisy_step_per_logical_batch(tmp_path: Path, lm_records, record_batches) -> None:
     """Sampler batches, optimizer noise calls and Trainer steps are the same count."""
     config = TrainingConfig(
         base_model="dpft/tiny-gpt2",
@@ -106,6 +104,4 @@ def test_explicit_max_steps_other_than_the_plan_is_refused(tmp_path: Path, lm_re
     with pytest.raises(EngineError, match="plan"):
         _make_args_private(TrainingArguments(output_dir=str(tmp_path), max_steps=5), privacy)
     with pytest.raises(EngineError, match="gradient_accumulation_steps"):
-        _make_args_private(
-            TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2), privacy
-        )
+        _make_args_private(TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2), privacy)

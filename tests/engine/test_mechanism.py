@@ -122,9 +122,7 @@ def test_each_clipped_gradient_is_at_most_the_bound_and_unchanged_below_it(
         assert clipped == pytest.approx(min(unclipped, clip), rel=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("mode", "micro"), [("hooks", 6), ("hooks", 2), ("hooks", 1), ("ghost", 6), ("ghost", 2)]
-)
+@pytest.mark.parametrize(("mode", "micro"), [("hooks", 6), ("hooks", 2), ("hooks", 1), ("ghost", 6), ("ghost", 2)])
 def test_noiseless_step_is_the_sum_of_clipped_gradients_over_the_expected_batch(
     tmp_path, varied_records, mode, micro, independent_gradient
 ) -> None:
@@ -136,10 +134,7 @@ def test_noiseless_step_is_the_sum_of_clipped_gradients_over_the_expected_batch(
     trainer.dp_optimizer.max_grad_norm = clip
     if mode == "ghost":
         trainer.grad_sample_module.max_grad_norm = clip
-    expected = {
-        name: sum(min(1.0, clip / _norm(g)) * g[name] for g in singles) / EXPECTED_BATCH
-        for name in singles[0]
-    }
+    expected = {name: sum(min(1.0, clip / _norm(g)) * g[name] for g in singles) / EXPECTED_BATCH for name in singles[0]}
     actual = _noisy_gradient(trainer, list(range(6)))
     assert set(actual) == set(expected)
     for name in expected:
@@ -147,9 +142,7 @@ def test_noiseless_step_is_the_sum_of_clipped_gradients_over_the_expected_batch(
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_noise_is_gaussian_with_std_noise_multiplier_times_clip_on_the_sum(
-    tmp_path, varied_records, mode
-) -> None:
+def test_noise_is_gaussian_with_std_noise_multiplier_times_clip_on_the_sum(tmp_path, varied_records, mode) -> None:
     noise, clip = 2.0, 0.5
     trainer, _ = _trainer(tmp_path, varied_records, noise=0.0, clip=clip, mode=mode)
     deterministic = _noisy_gradient(trainer, [0, 1, 2])
@@ -186,16 +179,13 @@ def test_production_noise_source_is_secure_by_default(tmp_path, varied_records) 
     assert trainer.noise_random.is_secure and trainer.sampler_random.is_secure
 
 
-def test_per_layer_clipping_bounds_each_tensor_by_clip_over_sqrt_k(
-    tmp_path, varied_records, independent_gradient
-):
+def test_per_layer_clipping_bounds_each_tensor_by_clip_over_sqrt_k(tmp_path, varied_records, independent_gradient):
     trainer, reference = _trainer(tmp_path, varied_records, noise=0.0, clip=0.05, clipping="per_layer")
     singles = [independent_gradient(reference, example) for example in trainer.train_dataset]
     bound = 0.05 / math.sqrt(len(singles[0]))
     assert trainer.dp_optimizer.max_grad_norm == pytest.approx(0.05)  # the noise's sensitivity
     expected = {
-        name: sum(min(1.0, bound / max(float(g[name].norm()), 1e-12)) * g[name] for g in singles)
-        / EXPECTED_BATCH
+        name: sum(min(1.0, bound / max(float(g[name].norm()), 1e-12)) * g[name] for g in singles) / EXPECTED_BATCH
         for name in singles[0]
     }
     clipped = sum(1 for g in singles for name in g if float(g[name].norm()) > bound)

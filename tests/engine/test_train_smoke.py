@@ -26,15 +26,11 @@ def _config(steps: int = 12, **privacy: object) -> TrainingConfig:
             delta=1e-3,
             **privacy,  # type: ignore[arg-type]
         ),
-        hyperparameters=Hyperparameters(
-            batch_size=8, micro_batch_size=4, max_seq_length=24, learning_rate=1e-2
-        ),
+        hyperparameters=Hyperparameters(batch_size=8, micro_batch_size=4, max_seq_length=24, learning_rate=1e-2),
     )
 
 
-def test_lora_causal_lm_trains_the_plan_and_saves_the_adapter_alone(
-    tmp_path: Path, lm_records, rdp_epsilon_fn
-) -> None:
+def test_lora_causal_lm_trains_the_plan_and_saves_the_adapter_alone(tmp_path: Path, lm_records, rdp_epsilon_fn) -> None:
     config = _config(steps=12)
     epsilon_fn = rdp_epsilon_fn(1.0, config.privacy.sampling_probability, 1e-3)
     reports: list[StepReport] = []
@@ -69,9 +65,7 @@ def test_cancel_stops_after_the_current_step(tmp_path: Path, lm_records, rdp_eps
     assert outcome.stop_reason == "cancelled" and outcome.steps == 3 and len(reports) == 3
 
 
-def test_stops_before_the_step_that_would_exceed_the_target_epsilon(
-    tmp_path: Path, lm_records, rdp_epsilon_fn
-) -> None:
+def test_stops_before_the_step_that_would_exceed_the_target_epsilon(tmp_path: Path, lm_records, rdp_epsilon_fn) -> None:
     epsilon_fn = rdp_epsilon_fn(1.0, 8 / 64, 1e-3)
     target = (epsilon_fn(5) + epsilon_fn(6)) / 2  # step 6 would exceed it
     config = _config(steps=12, target_epsilon=target)
@@ -89,21 +83,15 @@ def test_stops_before_the_step_that_would_exceed_the_target_epsilon(
         ("dpft/tiny-bert", "token_classification", False),
     ],
 )
-def test_every_task_trains_end_to_end(
-    tmp_path: Path, rdp_epsilon_fn, base_model: str, task: str, lora: bool
-) -> None:
+def test_every_task_trains_end_to_end(tmp_path: Path, rdp_epsilon_fn, base_model: str, task: str, lora: bool) -> None:
     if task == "causal_lm":
         records = [{"text": f"note {i}: the order shipped on day {i}"} for i in range(24)]
         fields = {}
     elif task == "sequence_classification":
-        records = [
-            {"text": f"{'great' if i % 2 else 'awful'} service {i}", "label": i % 2} for i in range(24)
-        ]
+        records = [{"text": f"{'great' if i % 2 else 'awful'} service {i}", "label": i % 2} for i in range(24)]
         fields = {"label_field": "label"}
     else:
-        records = [
-            {"text": ["call", "Ann", "at", str(i)], "tags": ["O", "PER", "O", "NUM"]} for i in range(24)
-        ]
+        records = [{"text": ["call", "Ann", "at", str(i)], "tags": ["O", "PER", "O", "NUM"]} for i in range(24)]
         fields = {"label_field": "tags"}
     config = TrainingConfig(
         base_model=base_model,

@@ -3,7 +3,7 @@
 Public interface::
 
     from worker.engine import TrainingConfig, StepReport, TrainingOutcome, train
-    from worker.engine import DPTrainer, PrivacyArguments
+    from worker.engine import DPTrainer, PrivacyArguments, privatize_trainer
 
 See ``run.py`` (``train``), ``trainer.py`` (``DPTrainer``) and ``config.py`` (``from_job``).
 """
@@ -11,10 +11,11 @@ See ``run.py`` (``train``), ``trainer.py`` (``DPTrainer``) and ``config.py`` (``
 from .config import Hyperparameters, LoraSpec, PrivacyArguments, TrainingConfig
 from .errors import EngineError, PrivacyViolationError
 from .run import TrainingOutcome, train
-from .trainer import DPTrainer, StepReport
+from .trainer import DPTrainer, DPTrainerMixin, StepReport, privatize_trainer
 
 __all__ = [
     "DPTrainer",
+    "DPTrainerMixin",
     "EngineError",
     "Hyperparameters",
     "LoraSpec",
@@ -23,5 +24,6 @@ __all__ = [
     "StepReport",
     "TrainingConfig",
     "TrainingOutcome",
+    "privatize_trainer",
     "train",
 ]

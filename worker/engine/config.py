@@ -53,9 +53,7 @@ class PrivacyArguments:
     )
     secure_mode: bool = field(
         default=True,
-        metadata={
-            "help": "Draw sampling and noise from os.urandom. False = seeded, NOT private: tests only."
-        },
+        metadata={"help": "Draw sampling and noise from os.urandom. False = seeded, NOT private: tests only."},
     )
     expected_batch_size: float | None = field(
         default=None,

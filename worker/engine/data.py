@@ -27,9 +27,7 @@ class Example:
     labels: list[int] | int
 
 
-def build_label_map(
-    records: Sequence[Mapping[str, Any]], label_field: str, per_token: bool
-) -> dict[Any, int]:
+def build_label_map(records: Sequence[Mapping[str, Any]], label_field: str, per_token: bool) -> dict[Any, int]:
     """Class name to id, sorted so that the same label set always gives the same ids.
 
     The label set is read from the private data; it becomes part of the model head. Jobs that
@@ -70,21 +68,15 @@ def tokenize_records(
             raise EngineError(f"record {index} has no text field {text_field!r}")
         text = record[text_field]
         if task == "causal_lm":
-            ids = _frame(tokenizer, tokenizer(str(text), add_special_tokens=False)["input_ids"])[
-                :max_seq_length
-            ]
+            ids = _frame(tokenizer, tokenizer(str(text), add_special_tokens=False)["input_ids"])[:max_seq_length]
             examples.append(Example(ids, list(ids)))
         elif task == "sequence_classification":
             assert label_field is not None and label_map is not None
-            ids = _frame(tokenizer, tokenizer(str(text), add_special_tokens=False)["input_ids"])[
-                :max_seq_length
-            ]
+            ids = _frame(tokenizer, tokenizer(str(text), add_special_tokens=False)["input_ids"])[:max_seq_length]
             examples.append(Example(ids, label_map[record[label_field]]))
         elif task == "token_classification":
             assert label_field is not None and label_map is not None
-            examples.append(
-                _tokenize_words(tokenizer, text, record[label_field], label_map, max_seq_length, index)
-            )
+            examples.append(_tokenize_words(tokenizer, text, record[label_field], label_map, max_seq_length, index))
         else:
             raise EngineError(f"unknown task {task!r}")
     return examples

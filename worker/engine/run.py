@@ -144,9 +144,7 @@ def build_trainer(
     label_map = None
     if config.task != "causal_lm":
         assert config.label_field is not None
-        label_map = build_label_map(
-            records, config.label_field, per_token=config.task == "token_classification"
-        )
+        label_map = build_label_map(records, config.label_field, per_token=config.task == "token_classification")
     examples = tokenize_records(
         records,
         tokenizer,

@@ -34,7 +34,7 @@ import torch
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import PrivacyArguments
@@ -173,8 +173,8 @@ class PrivacyCallback(TrainerCallback):
         return control
 
 
-class DPTrainer(Trainer):
-    """A ``transformers.Trainer`` that trains with DP-SGD as ``privacy_args`` plans it.
+class DPTrainerMixin:
+    """DP-SGD for a ``transformers.Trainer`` class; see ``DPTrainer`` and ``privatize_trainer``.
 
     ``args.per_device_train_batch_size`` is the physical micro-batch (memory only); the logical
     batch is a Poisson sample with probability ``privacy_args.sampling_probability`` per unit.
@@ -182,15 +182,13 @@ class DPTrainer(Trainer):
     ``units`` lists each privacy unit's record indices in ``train_dataset`` (default: one unit
     per record). ``epsilon_fn(steps)`` is the accountant's epsilon after ``steps`` noisy steps
     (default: ``service.privacy.EpsilonTracker`` for the mechanism in ``privacy_args``).
+    ``task`` picks the per-example loss (``causal_lm`` shifts labels by one).
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        args: TrainingArguments,
+        *args: Any,
         privacy_args: PrivacyArguments,
-        train_dataset: Dataset,
-        *,
         units: Sequence[Sequence[int]] | None = None,
         task: str = "causal_lm",
         epsilon_fn: EpsilonFn | None = None,
@@ -200,20 +198,23 @@ class DPTrainer(Trainer):
     ) -> None:
         self.privacy_args = privacy_args
         self.task = task
-        _make_args_private(args, privacy_args)
-        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if not isinstance(training_args, TrainingArguments):
+            raise EngineError("a DP trainer needs explicit TrainingArguments (args=...)")
+        _make_args_private(training_args, privacy_args)
+        super().__init__(*args, **kwargs)
         _refuse_unit_mixing_modules(self.model)
+        if self.train_dataset is None:
+            raise EngineError("a DP trainer needs train_dataset")
         if units is None:
-            units = [[index] for index in range(len(train_dataset))]
+            units = [[index] for index in range(len(self.train_dataset))]
         self.units = units
-        seed = args.seed
+        seed = self.args.seed
         self.sampler_random = make_random_source(secure_mode=privacy_args.secure_mode, seed=seed)
         self.noise_random = make_random_source(secure_mode=privacy_args.secure_mode, seed=seed + 1)
         if not privacy_args.secure_mode:
             logger.warning("secure_mode is off: sampling and noise are seeded; this run is NOT private")
-        self.expected_batch_size = (
-            privacy_args.expected_batch_size or privacy_args.sampling_probability * len(units)
-        )
+        self.expected_batch_size = privacy_args.expected_batch_size or privacy_args.sampling_probability * len(units)
         if epsilon_fn is None:
             from .accounting import epsilon_fn_for
 
@@ -354,9 +355,7 @@ class DPTrainer(Trainer):
             "loss_reduction": "mean",
         }
         if ghost:
-            self.optimizer = NoisyGhostOptimizer(
-                self.optimizer, max_grad_norm=privacy.max_grad_norm, **common
-            )
+            self.optimizer = NoisyGhostOptimizer(self.optimizer, max_grad_norm=privacy.max_grad_norm, **common)
         elif privacy.clipping == "per_layer":
             count = len([p for group in self.optimizer.param_groups for p in group["params"]])
             bounds = [privacy.max_grad_norm / count**0.5] * count
@@ -467,6 +466,47 @@ class DPTrainer(Trainer):
         super().log(logs, start_time)
 
 
+class DPTrainer(DPTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that trains with DP-SGD as ``privacy_args`` plans it.
+
+    Usable from a notebook without the service::
+
+        plan = service.privacy.plan_privacy(num_units=len(train), batch_size=64, epochs=3,
+                                            target_epsilon=8.0)
+        trainer = DPTrainer(model=model, args=TrainingArguments(output_dir="out",
+                            per_device_train_batch_size=16), train_dataset=train,
+                            data_collator=collator, privacy_args=PrivacyArguments.from_plan(plan))
+        trainer.train()
+
+    ``train_dataset`` items are whatever ``data_collator`` takes; the batches must hold
+    ``input_ids`` and ``labels`` (-100 = ignored). See ``DPTrainerMixin`` for the arguments.
+    """
+
+
+def privatize_trainer(trainer_class: type[Trainer]) -> type[Trainer]:
+    """The same DP-SGD behaviour for any ``Trainer`` subclass (TRL's ``SFTTrainer``, yours).
+
+    The returned class puts ``DPTrainerMixin`` first in the method order, so the data loader,
+    optimizer, loss and training step are the DP ones whatever the subclass overrides; its own
+    dataset preparation and collator are kept. Preference trainers (DPO, KTO, ORPO, ...) are
+    refused: their loss couples a chosen and a rejected sequence (and a reference model), so the
+    per-example loss here would not be theirs, and a pair-level privacy unit needs its own
+    sampler and loss; silently training something else would be worse than refusing.
+    """
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise EngineError(f"{trainer_class!r} is not a transformers.Trainer subclass")
+    if issubclass(trainer_class, DPTrainerMixin):
+        return trainer_class
+    names = {klass.__name__ for klass in trainer_class.__mro__}
+    preference = {"DPOTrainer", "KTOTrainer", "ORPOTrainer", "CPOTrainer", "RewardTrainer", "PPOTrainer"}
+    if names & preference:
+        raise EngineError(
+            f"{trainer_class.__name__} trains on preference pairs; privatize_trainer supports trainers with a "
+            "per-example token loss (Trainer, SFTTrainer)"
+        )
+    return type(f"DP{trainer_class.__name__}", (DPTrainerMixin, trainer_class), {})
+
+
 def _make_args_private(args: TrainingArguments, privacy_args: PrivacyArguments) -> None:
     """Force the Trainer settings that DP-SGD needs (each one is a measured breakage)."""
     if args.gradient_accumulation_steps != 1:
@@ -514,9 +554,7 @@ def _check_every_parameter_has(optimizer: Any, attribute: str) -> None:
     clipping; ``attribute`` is ``grad_sample`` (hooks) or ``_norm_sample`` (ghost)."""
     for p in optimizer.params:
         if getattr(p, attribute, None) is None:
-            raise PrivacyViolationError(
-                f"a trainable parameter of shape {tuple(p.shape)} got no per-sample gradient"
-            )
+            raise PrivacyViolationError(f"a trainable parameter of shape {tuple(p.shape)} got no per-sample gradient")
 
 
 def latest_checkpoint(path: Path) -> Path | None:

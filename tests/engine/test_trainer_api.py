@@ -1,0 +1,97 @@
+"""``DPTrainer`` from a notebook, ``PrivacyArguments`` from a command line, ``privatize_trainer``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig, get_peft_model
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from service.privacy import plan_privacy
+from worker.engine import DPTrainer, EngineError, PrivacyArguments, privatize_trainer
+from worker.engine.data import DPCollator, ExampleDataset, tokenize_records
+from worker.engine.models import load_model, load_tokenizer
+
+pytestmark = pytest.mark.unit
+
+
+def _parts(lm_records):
+    tokenizer = load_tokenizer("dpft/tiny-gpt2")
+    examples = tokenize_records(
+        lm_records(40), tokenizer, task="causal_lm", text_field="text", label_field=None, max_seq_length=16
+    )
+    model = get_peft_model(
+        load_model("dpft/tiny-gpt2", "causal_lm"), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"])
+    )
+    collator = DPCollator(pad_token_id=tokenizer.pad_token_id, per_token_labels=True)
+    return model, ExampleDataset(examples), collator
+
+
+def test_notebook_use_trains_the_plan_with_the_service_accountant(tmp_path: Path, lm_records) -> None:
+    model, dataset, collator = _parts(lm_records)
+    plan = plan_privacy(num_units=len(dataset), batch_size=8, max_steps=6, target_epsilon=5.0, target_delta=1e-3)
+    trainer = DPTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none"),
+        train_dataset=dataset,
+        data_collator=collator,
+        privacy_args=PrivacyArguments.from_plan(plan, max_grad_norm=0.5),
+    )
+    trainer.train()
+    assert trainer.noisy_steps == plan.steps == 6
+    assert trainer.epsilon_after(trainer.noisy_steps) == pytest.approx(plan.epsilon, abs=1e-12)
+    assert trainer.epsilon_after(trainer.noisy_steps) <= 5.0
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_privacy_arguments_parse_from_a_command_line() -> None:
+    (parsed,) = HfArgumentParser(PrivacyArguments).parse_args_into_dataclasses(
+        args=[
+            "--noise_multiplier",
+            "1.1",
+            "--sampling_probability",
+            "0.01",
+            "--steps",
+            "300",
+            "--delta",
+            "1e-6",
+            "--clipping",
+            "per_layer",
+            "--target_epsilon",
+            "4",
+        ]  # fmt: skip
+    )
+    assert (parsed.noise_multiplier, parsed.steps, parsed.clipping, parsed.target_epsilon) == (1.1, 300, "per_layer", 4)
+    assert parsed.secure_mode is True
+
+
+def test_privatize_trainer_gives_a_subclass_the_dp_loop(tmp_path: Path, lm_records) -> None:
+    class CustomTrainer(Trainer):
+        def compute_loss(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+            raise AssertionError("the non-private loss must not be used")
+
+    private_class = privatize_trainer(CustomTrainer)
+    assert issubclass(private_class, CustomTrainer) and private_class.__name__ == "DPCustomTrainer"
+    model, dataset, collator = _parts(lm_records)
+    trainer = private_class(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none"),
+        train_dataset=dataset,
+        data_collator=collator,
+        privacy_args=PrivacyArguments(noise_multiplier=1.0, sampling_probability=0.2, steps=3, delta=1e-3),
+        epsilon_fn=float,
+    )
+    trainer.train()
+    assert trainer.noisy_steps == 3
+
+
+def test_privatize_trainer_refuses_preference_trainers() -> None:
+    class DPOTrainer(Trainer):
+        pass
+
+    with pytest.raises(EngineError, match="preference"):
+        privatize_trainer(DPOTrainer)
+    with pytest.raises(EngineError):
+        privatize_trainer(object)  # type: ignore[arg-type]
