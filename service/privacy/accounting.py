@@ -149,7 +149,7 @@ class EpsilonTracker:
             eps = np.where(np.isnan(eps), np.inf, eps).min(axis=1)
             vals = np.maximum(eps, 0.0)
         else:
-            vals = np.array([_prv_upper(self._composer, int(s), self.delta) for s in steps])
+            vals = np.maximum(np.array(self._composer.upper_many(self.delta, steps)), 0.0)
             vals = np.minimum.accumulate(vals[::-1])[::-1]
         self._cache[start:end + 1] = vals
 
@@ -160,7 +160,11 @@ class EpsilonTracker:
         if t > self.max_steps:
             raise ValueError(f"step {t} is beyond the planned {self.max_steps} steps")
         v = self._cache[t]
-        if np.isnan(v):
+        if np.isnan(v) and t == self.max_steps:
+            # the last step ends its own chunk: its value is the bound itself
+            self._fill(t, t)
+            v = self._cache[t]
+        elif np.isnan(v):
             self._fill(*self._chunk_bounds(t))
             v = self._cache[t]
         return float(v)
@@ -171,17 +175,23 @@ class EpsilonTracker:
         Equal to :meth:`epsilon` at ``max_steps``; elsewhere at least :meth:`epsilon` (equal unless
         floating-point noise made the bound wobble). Used for the planned curve.
         """
+        steps = [int(s) for s in steps]
+        if any(s < 0 or s > self.max_steps for s in steps):
+            raise ValueError(f"steps outside [0, {self.max_steps}]")
+        if self.accountant == "rdp":
+            return [self.epsilon(s) for s in steps]
+        todo = sorted({s for s in steps if s > 0 and np.isnan(self._cache[s]) and s != self.max_steps})
+        known = dict(zip(todo, (max(v, 0.0) for v in self._composer.upper_many(self.delta, todo)), strict=True))
         out = []
         for s in steps:
-            s = int(s)
-            if s < 0 or s > self.max_steps:
-                raise ValueError(f"step {s} outside [0, {self.max_steps}]")
             if s == 0:
                 out.append(0.0)
-            elif self.accountant == "rdp" or s == self.max_steps:
+            elif s in known:
+                out.append(known[s])
+            elif s == self.max_steps:
                 out.append(self.epsilon(s))
-            else:
-                out.append(_prv_upper(self._composer, s, self.delta))
+            else:  # cached chunk value: the chunk minimum, <= the bound; recompute the bound itself
+                out.append(max(self._composer.upper_many(self.delta, [s])[0], 0.0))
         return out
 
     def epsilons(self, steps) -> list[float]:

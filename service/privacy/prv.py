@@ -99,10 +99,8 @@ def _truncated_first_moment(q: float, sigma: float, t_max: float) -> float:
 
     (Y > log(1-q) > t_min always holds on the domains used here.) Composite Gauss-Legendre in x.
     """
-    if q >= 1.0:
-        x_max = sigma**2 * t_max + 0.5
-    else:
-        x_max = sigma**2 * (math.log(math.expm1(t_max) + q) - math.log(q)) + 0.5
+    z_max = t_max if q >= 1.0 else math.log(math.expm1(t_max) + q) - math.log(q)
+    x_max = sigma**2 * z_max + 0.5
     lo = -16.0 * sigma
     hi = min(x_max, 1.0 + 16.0 * sigma)
     if hi <= lo:
@@ -122,52 +120,89 @@ def _truncated_first_moment(q: float, sigma: float, t_max: float) -> float:
 
 @dataclass
 class DiscretePRV:
-    """Discretised single-step PRV on n points t_min + shift + i*mesh (i = 0..n-1)."""
+    """Discretised single-step PRV on n points t0 + i*mesh (i = 0..n-1), t0 = -k*mesh + shift."""
 
     pmf: np.ndarray
-    t0: float  # t_min + shift
+    t0: float
     mesh: float
     shift: float
     n: int
+    k: int
+    tail_mass: float  # P(Y > t_hi): mass cut above the evaluated support (accounted in delta)
+
+
+def fast_even_length(n: int) -> int:
+    m = sfft.next_fast_len(int(n), real=True)
+    while m % 2:
+        m = sfft.next_fast_len(m + 1, real=True)
+    return m
+
+
+# Phi(-11.5) ~ 6e-31: the single-step PRV has less than this mass above the support we evaluate
+_TAIL_U = 11.5
 
 
 def discretise(q: float, sigma: float, L: float, mesh: float) -> DiscretePRV:
+    """prv-accountant's CellCentred discretisation of the PRV truncated to the grid, mean-corrected.
+
+    The grid is [-k*mesh, (n-1-k)*mesh] with k = ceil(L/mesh) and n >= 2k+2 an FFT-friendly even
+    length, so it contains [-L, L]. Cells are only evaluated where the PRV has mass: above
+    log(1-q) (where the CDF is exactly 0 below) and below t_hi where P(Y > t_hi) < 1e-30; the cut
+    upper tail is reported as ``tail_mass`` and charged to delta by the composer.
+    """
     k = int(math.ceil(L / mesh - 1e-9))
-    n = 2 * k + 2
-    if n > MAX_GRID:
-        raise PRVUnavailable(f"PRV grid of {n} points exceeds the limit {MAX_GRID}")
+    n_min = 2 * k + 2
+    if n_min > MAX_GRID:
+        raise PRVUnavailable(f"PRV grid of {n_min} points exceeds the limit {MAX_GRID}")
+    n = fast_even_length(n_min)
     t_min = -k * mesh
-    t_max = (k + 1) * mesh
-    i = np.arange(n + 1, dtype=float)
-    edges = t_min + (i - 0.5) * mesh
-    edges[0] = t_min
-    edges[-1] = t_max
-    # CDF for edges <= 0, survival function above (keeps tail cells precise)
+    t_max = t_min + (n - 1) * mesh
+    # support of the evaluation
+    z_star = (_TAIL_U + 0.5 / sigma) / sigma
+    t_star = z_star if q >= 1.0 else math.log1p(q * math.expm1(z_star))
+    t_lo = t_min if q >= 1.0 else max(t_min, math.log1p(-q))
+    t_hi = min(t_max, t_star)
+    # cells i have edges [t_min + (i - 1/2) mesh, t_min + (i + 1/2) mesh] clipped to [t_min, t_max]
+    i0 = max(0, int(math.floor((t_lo - t_min) / mesh + 0.5)) - 1)
+    i1 = min(n - 1, int(math.ceil((t_hi - t_min) / mesh - 0.5)) + 1)
+    idx = np.arange(i0, i1 + 2, dtype=float)
+    edges = t_min + (idx - 0.5) * mesh
+    edges[0] = max(edges[0], t_min)
+    if i1 == n - 1:
+        edges[-1] = t_max
+    tail_cut = float(edges[-1])
     low = edges <= 0.0
     F = prv_cdf(edges[low], q, sigma)
     S = prv_sf(edges[~low], q, sigma)
-    F_all = np.concatenate([F, 1.0 - S])
-    mass = np.empty(n)
-    nl = int(low.sum())  # number of edges on the CDF side
-    # cells entirely on the CDF side: cells 0..nl-2; cells entirely on the SF side: nl..n-1
-    mass[: max(nl - 1, 0)] = np.diff(F)
-    if nl - 1 < n:
+    nl = int(low.sum())
+    cells = i1 - i0 + 1
+    mass = np.empty(cells)
+    if nl >= 2:
+        mass[: nl - 1] = np.diff(F)
+    if nl < len(edges):
         mass[nl:] = -np.diff(S)
         if nl >= 1:
-            mass[nl - 1] = F_all[nl] - F_all[nl - 1]
-    F_tmin = F_all[0]
-    S_tmax = S[-1] if S.size else 0.0
-    remaining = (1.0 - S_tmax) - F_tmin
+            mass[nl - 1] = (1.0 - S[0]) - F[-1]
+    F_lo = F[0] if nl else 1.0 - S[0]
+    S_hi = S[-1] if nl < len(edges) else 1.0 - F[-1]
+    # mass below the first evaluated edge is exactly 0 when q < 1 (the PRV is > log(1-q)); for q = 1
+    # the first edge is t_min, the truncation point
+    remaining = (1.0 - S_hi) - F_lo
     if not remaining > 0:
         raise PRVUnavailable("PRV truncation removed all mass")
-    pmf = mass / remaining
-    ts = t_min + np.arange(n, dtype=float) * mesh
-    mean_d = float(np.dot(ts, pmf))
-    mean_c = _truncated_first_moment(q, sigma, t_max) / remaining
+    pmf = np.zeros(n)
+    pmf[i0:i1 + 1] = mass / remaining
+    ts_cells = t_min + np.arange(i0, i1 + 1, dtype=float) * mesh
+    mean_d = float(np.dot(ts_cells, pmf[i0:i1 + 1]))
+    lower_moment = 0.0
+    if q >= 1.0 and F_lo > 0:
+        lower_moment = _truncated_first_moment(q, sigma, float(edges[0]))
+    mean_c = (_truncated_first_moment(q, sigma, tail_cut) - lower_moment) / remaining
     shift = mean_c - mean_d
     if not abs(shift) < mesh / 2:
         raise PRVUnavailable("Discrete mean differs from continuous mean significantly")
-    return DiscretePRV(pmf=pmf, t0=t_min + shift, mesh=mesh, shift=shift, n=n)
+    tail_mass = float(S_hi) if i1 < n - 1 else 0.0
+    return DiscretePRV(pmf=pmf, t0=t_min + shift, mesh=mesh, shift=shift, n=n, k=k, tail_mass=tail_mass)
 
 
 class PRVComposer:
@@ -188,30 +223,62 @@ class PRVComposer:
         self.dprv = discretise(self.q, self.sigma, L, mesh)
         self.n = self.dprv.n
         self._F = sfft.rfft(self.dprv.pmf)
-        # floating-point allowance in delta: rounding in the PMF, FFT and the cumulative sums
-        self.fp_delta = 64 * np.finfo(float).eps * math.sqrt(self.n) * math.log2(self.n) * 8
+        self.dprv.pmf = None  # only the spectrum is kept
+
+    def _roll(self, steps: int) -> int:
+        # raw circular index i of a sum of `steps` cells <-> value steps*(t_min + shift) + i*mesh;
+        # index j of the domain t0 + shift*(steps-1) + j*mesh is i - (steps-1)*k (mod n)
+        return (-(steps - 1) * self.dprv.k) % self.n
+
+    def _ts(self, steps: int) -> np.ndarray:
+        return self.dprv.t0 + self.dprv.shift * (steps - 1) + np.arange(self.n) * self.dprv.mesh
 
     def composed(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
         if steps < 1 or steps > self.max_steps:
             raise ValueError(f"steps must be in [1, {self.max_steps}]")
         f = sfft.irfft(self._F ** steps, self.n)
-        m = steps - 1
-        if steps % 2 == 0:
-            m += self.n // 2
-        f = np.roll(f, m)
-        ts = self.dprv.t0 + self.dprv.shift * (steps - 1) + np.arange(self.n) * self.dprv.mesh
-        return ts, f
+        return self._ts(steps), np.roll(f, self._roll(steps))
+
+    def delta_allowance(self, steps: int, p: np.ndarray) -> float:
+        """delta_error plus what is not covered by the PRV theorem: the cut single-step tail (by total
+        variation, at most steps * tail_mass) and floating-point error of the FFT composition (at most
+        about n * steps * eps_machine * max|p|, tens of times what was measured against long double)."""
+        fp = self.n * steps * np.finfo(float).eps * float(np.max(np.abs(p)))
+        return self.delta_error + steps * self.dprv.tail_mass + fp
 
     def epsilon_bounds(self, delta: float, steps: int) -> tuple[float, float, float]:
         ts, p = self.composed(steps)
-        return epsilon_from_pmf(ts, p, delta, self.delta_error + self.fp_delta, self.eps_error)
+        return epsilon_from_pmf(ts, p, delta, self.delta_allowance(steps, p), self.eps_error)
+
+    def upper_many(self, delta: float, steps_list, batch: int = 8) -> list[float]:
+        """Upper bounds at several step counts (batched inverse FFTs)."""
+        steps_list = [int(s) for s in steps_list]
+        out: list[float] = []
+        for b in range(0, len(steps_list), batch):
+            chunk = steps_list[b:b + batch]
+            if any(s < 1 or s > self.max_steps for s in chunk):
+                raise ValueError(f"steps must be in [1, {self.max_steps}]")
+            spec = self._F[None, :] ** np.asarray(chunk, dtype=float)[:, None]
+            fs = sfft.irfft(spec, self.n, axis=1, workers=-1)
+            for s, f in zip(chunk, fs, strict=True):
+                p = np.roll(f, self._roll(s))
+                out.append(epsilon_from_pmf(self._ts(s), p, delta, self.delta_allowance(s, p),
+                                            self.eps_error)[2])
+        return out
 
 
 def epsilon_from_pmf(ts: np.ndarray, p: np.ndarray, delta: float, delta_error: float,
                      eps_error: float) -> tuple[float, float, float]:
-    """(lower, estimate, upper) of epsilon, as ``DiscretePrivacyRandomVariable.compute_epsilon``."""
+    """(lower, estimate, upper) of epsilon, as ``DiscretePrivacyRandomVariable.compute_epsilon``.
+
+    Only the part of the grid above 0 is searched (epsilon >= 0); when the crossing lies below it
+    the bound returned is the grid point at 0, which is then an upper bound of the estimate.
+    """
     if delta - delta_error <= 0:
         raise PRVUnavailable("delta too small for the PRV accountant's floating-point precision")
+    s0 = max(int(np.searchsorted(ts, 0.0)) - 1, 0)
+    ts = ts[s0:]
+    p = p[s0:]
     d1 = np.cumsum(p[::-1])[::-1]
     d2 = np.cumsum((p * np.exp(-ts))[::-1])[::-1]
     ndelta = np.exp(ts) * d2 - d1
@@ -219,7 +286,7 @@ def epsilon_from_pmf(ts: np.ndarray, p: np.ndarray, delta: float, delta_error: f
     def find(delta_target: float) -> float:
         i = int(np.searchsorted(ndelta, -delta_target, side="left"))
         if i <= 0:
-            raise PRVUnavailable("Cannot compute epsilon (domain too small)")
+            return float(ts[0])
         if i >= len(ts):
             raise PRVUnavailable("Cannot compute epsilon (epsilon beyond the domain)")
         return float(np.log((d1[i] - delta_target) / d2[i]))
