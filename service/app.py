@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service import dashboard
 from service.auth import ensure_configured_keys
 from service.db import session_scope
 from service.errors import install_error_handlers
@@ -37,6 +38,7 @@ def create_app() -> FastAPI:
     app.include_router(system.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
+    app.include_router(dashboard.router)
     return app
 
 

@@ -1,0 +1,216 @@
+"""The dashboard end to end in a real headless browser (Debian's chromium driven by Playwright), on
+the real API and Celery worker over PostgreSQL and Redis.
+
+Needs: `apt-get install -y chromium` (the browser is /usr/bin/chromium, or $DPFT_TEST_CHROMIUM) and
+`pip install playwright` (its own browser download is not used). Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from service.client import Client
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SAMPLE = Path(str(resources.files("service.data") / "sample.jsonl"))
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM = os.environ.get("DPFT_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+STEPS = 240
+
+
+def job_request(dataset_id: str, steps: int = STEPS) -> dict:
+    return {
+        "dataset_id": dataset_id,
+        "base_model": "dpft/tiny-gpt2",
+        "task": "causal_lm",
+        "hyperparameters": {"max_steps": steps, "batch_size": 16, "learning_rate": 1e-2, "max_seq_length": 32},
+        "lora": {"r": 4, "alpha": 8},
+        "privacy": {"target_epsilon": 4.0, "max_grad_norm": 1.0},
+    }
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):  # type: ignore[no-untyped-def]
+    context = browser.new_context(viewport={"width": 1440, "height": 900}, device_scale_factor=1)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.set_default_timeout(15_000)
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors in the page: {errors}"
+
+
+def shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
+
+
+def sign_in(page, url: str, key: str) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{url}/dashboard/signin")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{url}/dashboard/")
+
+
+@pytest.fixture(scope="module")
+def tenant(postgres_stack) -> dict:  # type: ignore[no-untyped-def]
+    """A tenant with a dataset (with an epsilon budget) and one job created."""
+    key = postgres_stack.key("dash-a")
+    with Client(postgres_stack.url, api_key=key) as client:
+        dataset = client.upload_dataset(SAMPLE, name="support-tickets", epsilon_budget=12.0)
+        job = client.create_job(job_request(dataset["id"]))
+    return {"key": key, "dataset": dataset, "job": job}
+
+
+def test_sign_in_with_a_wrong_key_fails_visibly(page, postgres_stack) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{postgres_stack.url}/dashboard/")
+    page.wait_for_url("**/dashboard/signin**")  # no key in this session: sent to sign in
+    page.get_by_label("API key").wait_for()
+    shot(page, "signin")
+    page.get_by_label("API key").fill("dpft_this-key-does-not-exist")
+    page.get_by_role("button", name="Sign in").click()
+    error = page.locator("#signin-error")
+    error.filter(has_text="not accepted").wait_for()
+    assert "401" in error.inner_text()
+    assert page.get_by_label("API key").get_attribute("aria-invalid") == "true"
+    assert "/dashboard/signin" in page.url
+    assert page.evaluate("sessionStorage.getItem('dpft.apiKey')") is None
+    shot(page, "signin-wrong-key")
+
+
+def test_job_page_follows_the_job_live(page, postgres_stack, tenant) -> None:  # type: ignore[no-untyped-def]
+    url, job_id = postgres_stack.url, tenant["job"]["id"]
+    sign_in(page, url, tenant["key"])
+    assert page.evaluate("sessionStorage.getItem('dpft.apiKey')") == tenant["key"]
+    page.goto(f"{url}/dashboard/jobs/{job_id}")
+    chart = page.locator("#eps-chart")
+    chart.wait_for()
+
+    # Watch the epsilon chart while the job runs: the number of points it holds must grow.
+    seen: list[tuple[int, str]] = []
+    deadline = time.monotonic() + 150
+    shot_taken = False
+    while time.monotonic() < deadline:
+        points = int(chart.get_attribute("data-points") or 0)
+        status = page.locator("#job-status").get_attribute("data-status") if page.locator(
+            "#job-status"
+        ).count() else ""
+        seen.append((points, status or ""))
+        if status == "running" and points > STEPS // 3 and not shot_taken:
+            shot(page, "job-running")
+            shot_taken = True
+        if page.locator("main[data-final='true']").count():
+            break
+        time.sleep(0.25)
+    running = [p for p, st in seen if st == "running" and 0 < p < STEPS]
+    assert len(set(running)) >= 2 and running == sorted(running), (
+        f"the chart should gain points while the job runs: {seen[:: max(1, len(seen) // 40)]}"
+    )
+    page.locator("main[data-final='true']").wait_for(timeout=30_000)
+
+    with Client(url, api_key=tenant["key"]) as client:
+        final = client.get_job(job_id)
+    assert final["status"] == "succeeded", final
+    shown = page.locator("#eps-value").inner_text()
+    assert shown == f"{final['epsilon']:.2f}"
+    assert int(chart.get_attribute("data-points")) == final["step"] == STEPS
+    assert page.locator("#step-value").inner_text() == f"{final['step']:,}"
+    # planned curve, actual curve and target line are all drawn on the one chart
+    for series in ("s-plan", "s-actual", "s-target"):
+        assert page.locator(f"#eps-chart-svg path.{series}").get_attribute("d")
+    assert "not covered by DP" in page.locator("#loss-chart").inner_text()
+    assert int(page.locator("#loss-chart").get_attribute("data-points")) > 0
+    plan = page.locator("#plan").inner_text()
+    assert "Noise multiplier" in plan and "Clip norm" in plan and "Accountant" in plan
+    assert page.locator("#events li[data-type='succeeded']").count() == 1
+    assert page.locator("#cancel-job").is_hidden()
+    shot(page, "job")
+
+    # Downsampling keeps a 100,000-step series to about 2,000 drawn points, quickly.
+    drawn, ms = page.evaluate(
+        """() => { const xs = [], ys = []; for (let i = 1; i <= 100000; i++) { xs.push(i); ys.push(Math.sqrt(i)); }
+        const t0 = performance.now(); const d = window.dpftDashboard.downsample(xs, ys);
+        return [d.xs.length, performance.now() - t0]; }"""
+    )
+    assert drawn <= 2001 and ms < 200, (drawn, ms)
+
+
+def test_jobs_list_cancel_and_datasets(page, postgres_stack, tenant) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    url = postgres_stack.url
+    with Client(url, api_key=tenant["key"]) as client:
+        # a second job, short, that waits behind the first one (one worker) or runs: cancel it from the page
+        second = client.create_job(job_request(tenant["dataset"]["id"], steps=400))
+    sign_in(page, url, tenant["key"])
+    rows = page.locator("#jobs-body tr")
+    rows.first.wait_for()
+    assert rows.count() == 2
+    first_row = page.locator(f"#jobs-body tr[data-job-id='{tenant['job']['id']}']")
+    assert "support-tickets" in first_row.inner_text()
+    assert "dpft/tiny-gpt2" in first_row.inner_text()
+    assert rows.first.get_attribute("data-job-id") == second["id"], "newest first"
+
+    page.goto(f"{url}/dashboard/jobs/{second['id']}")
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.locator("#cancel-job:not([disabled])").click()
+    page.locator("#job-status[data-status='cancelled'], #job-status[data-status='cancelling']").wait_for()
+    page.locator("main[data-final='true']").wait_for(timeout=60_000)
+
+    page.goto(f"{url}/dashboard/")
+    page.locator(f"#jobs-body tr[data-job-id='{second['id']}'][data-status='cancelled']").wait_for()
+    shot(page, "jobs")
+    page.get_by_label("Status").select_option("succeeded")
+    expect(page.locator("#jobs-body tr")).to_have_count(1)
+    assert page.locator("#jobs-body tr").get_attribute("data-job-id") == tenant["job"]["id"]
+    assert "status=succeeded" in page.url
+
+    page.get_by_role("link", name="Datasets").click()
+    card = page.locator(f"[data-dataset-id='{tenant['dataset']['id']}']")
+    card.locator("table").wait_for()
+    text = card.inner_text()
+    assert "12.00" in text and "support-tickets" in text
+    assert tenant["job"]["id"] in text
+    shot(page, "datasets")
+
+
+def test_another_tenants_job_is_not_reachable(page, postgres_stack, tenant) -> None:  # type: ignore[no-untyped-def]
+    url = postgres_stack.url
+    sign_in(page, url, postgres_stack.key("dash-b"))
+    page.locator("#jobs-empty").wait_for(state="visible")
+    assert page.locator("#jobs-body tr").count() == 0
+    page.goto(f"{url}/dashboard/jobs/{tenant['job']['id']}")
+    page.locator("#not-found").wait_for()
+    assert "Job not found" in page.locator("#not-found").inner_text()
+    assert page.locator("#eps-chart").count() == 0
+    shot(page, "job-other-tenant")
+
