@@ -61,17 +61,18 @@ class SecureRandom:
         return torch.from_numpy((raw >> np.uint64(11)).astype(np.float64) * (2.0**-53))
 
     def _standard_normal(self, count: int) -> torch.Tensor:
+        """``count`` N(0, 1) values by Box-Muller, from one ``os.urandom`` call."""
         pairs = (count + 1) // 2
-        u1 = 1.0 - self.uniform(pairs)  # in (0, 1]: the logarithm is finite
-        u2 = self.uniform(pairs)
+        uniforms = self.uniform(2 * pairs)
+        u1 = 1.0 - uniforms[:pairs]  # in (0, 1]: the logarithm is finite
+        angle = (2.0 * math.pi) * uniforms[pairs:]
         radius = torch.sqrt(-2.0 * torch.log(u1))
-        angle = 2.0 * math.pi * u2
         return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
 
     def normal(self, shape: torch.Size, std: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         count = math.prod(shape)
-        # Sum of four N(0, 1) halved is N(0, 1) and defeats the floating-point attack.
-        total = sum(self._standard_normal(count) for _ in range(4)) / 2.0
+        # The sum of four N(0, 1) halved is N(0, 1) and defeats the floating-point attack.
+        total = self._standard_normal(4 * count).view(4, count).sum(dim=0) / 2.0
         return (total * std).reshape(shape).to(device=device, dtype=dtype)
 
     def state_dict(self) -> dict[str, Any]:

@@ -88,10 +88,17 @@ class NoisySteps:
         # For per-layer clipping ``max_grad_norm`` is the norm of the per-layer bounds: the
         # sensitivity of the summed gradient, as in Opacus.
         std = self.noise_multiplier * self.max_grad_norm  # type: ignore[attr-defined]
-        for p in self.params:  # type: ignore[attr-defined]
+        params = self.params  # type: ignore[attr-defined]
+        if std > 0:
+            # One draw for all parameters: the secure source pays per call, not per value.
+            sizes = [p.summed_grad.numel() for p in params]
+            reference = params[0].summed_grad
+            flat = self.random.normal(torch.Size([sum(sizes)]), std, reference.dtype, reference.device)
+            noises = flat.split(sizes)
+        for index, p in enumerate(params):
             summed = p.summed_grad
-            noise = self.random.normal(summed.shape, std, summed.dtype, summed.device) if std > 0 else 0.0
-            p.grad = (summed + noise).view_as(p)
+            noisy = summed + noises[index].view_as(summed).to(summed.device, summed.dtype) if std > 0 else summed
+            p.grad = noisy.view_as(p)
         self.noisy_steps += 1
         self.last_learning_rate = float(self.param_groups[0]["lr"])  # type: ignore[attr-defined]
 
