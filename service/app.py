@@ -12,7 +12,7 @@ from service import dashboard
 from service.auth import ensure_configured_keys
 from service.db import session_scope
 from service.errors import install_error_handlers
-from service.routes import datasets, jobs, system
+from service.routes import datasets, jobs, privacy, system
 from service.settings import get_settings
 
 
@@ -38,6 +38,7 @@ def create_app() -> FastAPI:
     app.include_router(system.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
+    app.include_router(privacy.router)
     app.include_router(dashboard.router)
     return app
 

@@ -51,14 +51,18 @@ class Client:
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
-            try:
-                error = response.json()["error"]
-            except Exception:
-                error = {"code": "error", "message": response.text}
-            raise APIError(
-                response.status_code, error.get("code", "error"), error.get("message", ""), error.get("param")
-            )
+            self._raise(response)
         return response.json()
+
+    @staticmethod
+    def _raise(response: httpx.Response) -> None:
+        try:
+            error = response.json()["error"]
+        except Exception:
+            error = {"code": "error", "message": response.text}
+        raise APIError(
+            response.status_code, error.get("code", "error"), error.get("message", ""), error.get("param")
+        )
 
     def upload_dataset(self, path: str | Path, **fields: Any) -> dict[str, Any]:
         path = Path(path)
@@ -90,6 +94,29 @@ class Client:
             since = page["next_since_step"]
             if not page["has_more"]:
                 return points
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        return self._request("GET", f"/v1/jobs/{job_id}/events", params={"limit": 1000})["data"]
+
+    def artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        return self._request("GET", f"/v1/jobs/{job_id}/artifacts")["data"]
+
+    def download(self, job_id: str, name: str) -> bytes:
+        response = self._http.get(f"/v1/jobs/{job_id}/artifacts/{name}")
+        if response.status_code >= 400:
+            self._raise(response)
+        return response.content
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def list_jobs(self, **filters: Any) -> dict[str, Any]:
+        return self._request("GET", "/v1/jobs", params={k: v for k, v in filters.items() if v is not None})
+
+    def plan(self, **spec: Any) -> dict[str, Any]:
+        return self._request(
+            "POST", "/v1/privacy/plan", json={k: v for k, v in spec.items() if v is not None}
+        )
 
     def models(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/models")["data"]

@@ -38,7 +38,12 @@ def allowed_models() -> set[str]:
 
 
 def get_dataset(session: Session, tenant: Tenant, dataset_id: str) -> Dataset:
-    dataset = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant.id))
+    """The tenant's dataset (not deleted), or 404."""
+    dataset = session.scalar(
+        select(Dataset).where(
+            Dataset.id == dataset_id, Dataset.tenant_id == tenant.id, Dataset.deleted_at.is_(None)
+        )
+    )
     if dataset is None:
         raise NotFound(f"No dataset {dataset_id!r}.", param="dataset_id")
     return dataset
@@ -68,26 +73,42 @@ def count_units(dataset: Dataset, request: JobCreate) -> int:
     return dataset.num_entities
 
 
+# Where each solver input sits in a job request, so a refusal names the field to change.
+JOB_REQUEST_FIELDS = {
+    "num_units": "dataset_id",
+    "batch_size": "hyperparameters.batch_size",
+    "epochs": "hyperparameters.epochs",
+    "max_steps": "hyperparameters.max_steps",
+    "target_epsilon": "privacy.target_epsilon",
+    "noise_multiplier": "privacy.noise_multiplier",
+    "target_delta": "privacy.target_delta",
+    "accountant": "privacy.accountant",
+}
+
+
+def solve(*, request_fields: dict[str, str], **spec: Any) -> PrivacyPlan:
+    """The noise solver, its refusals turned into 422 `infeasible_privacy_spec` errors whose
+    `param` is the request field to change (`request_fields` maps solver inputs to those)."""
+    try:
+        return plan_privacy(**spec)
+    except InfeasiblePrivacySpec as exc:
+        param = request_fields.get(exc.param, exc.param) if exc.param else None
+        raise InfeasibleSpec(exc.message, param=param) from None
+
+
 def solve_plan(request: JobCreate, num_units: int) -> PrivacyPlan:
     hp, privacy = request.hyperparameters, request.privacy
-    try:
-        return plan_privacy(
-            num_units=num_units,
-            batch_size=hp.batch_size,
-            epochs=hp.epochs,
-            max_steps=hp.max_steps,
-            target_epsilon=privacy.target_epsilon,
-            noise_multiplier=privacy.noise_multiplier,
-            target_delta=privacy.target_delta,
-            accountant=privacy.accountant,
-        )
-    except InfeasiblePrivacySpec as exc:
-        param = exc.param
-        if param in ("batch_size", "epochs", "max_steps"):
-            param = f"hyperparameters.{param}"
-        elif param:
-            param = f"privacy.{param}"
-        raise InfeasibleSpec(exc.message, param=param) from None
+    return solve(
+        num_units=num_units,
+        batch_size=hp.batch_size,
+        epochs=hp.epochs,
+        max_steps=hp.max_steps,
+        target_epsilon=privacy.target_epsilon,
+        noise_multiplier=privacy.noise_multiplier,
+        target_delta=privacy.target_delta,
+        accountant=privacy.accountant,
+        request_fields=JOB_REQUEST_FIELDS,
+    )
 
 
 def epsilon_reserved(session: Session, dataset_id: str) -> tuple[float, float]:
@@ -127,20 +148,16 @@ def create_job(
             "(an operator can add more with DPFT_ALLOWED_MODELS).",
             param="base_model",
         )
-    # Lock the dataset row so concurrent job creations on it cannot together overspend its budget.
-    dataset = session.scalar(
-        select(Dataset)
-        .where(Dataset.id == request.dataset_id, Dataset.tenant_id == tenant.id)
-        .with_for_update()
-    )
-    if dataset is None:
-        raise NotFound(f"No dataset {request.dataset_id!r}.", param="dataset_id")
+    dataset = get_dataset(session, tenant, request.dataset_id)
     if request.task != "causal_lm" and not dataset.label_field:
         raise InvalidRequest(
             f"Task {request.task} needs labels: upload the dataset with `label_field`.", param="task"
         )
     plan = solve_plan(request, count_units(dataset, request))
 
+    # Lock the dataset row (after the slow solve) so that concurrent job creations on it cannot
+    # together overspend its budget: the second waits here and then sees the first's reservation.
+    session.refresh(dataset, with_for_update=True)
     if dataset.epsilon_budget is not None or dataset.delta_budget is not None:
         spent_eps, spent_delta = epsilon_reserved(session, dataset.id)
         if dataset.epsilon_budget is not None and spent_eps + plan.epsilon > dataset.epsilon_budget + 1e-12:

@@ -103,6 +103,7 @@ class Dataset(Base):
     epsilon_budget: Mapped[float | None] = mapped_column(Float, nullable=True)
     delta_budget: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Job(Base):

@@ -24,7 +24,7 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("dpft", broker=settings.resolved_broker_url)
     # (kombu's SQLAlchemy transport hands its options to create_engine, so it gets none.)
     transport_options: dict[str, object] = {}
-    if settings.broker_key_prefix:
+    if settings.broker_key_prefix and settings.resolved_broker_url.startswith("redis"):
         transport_options["global_keyprefix"] = settings.broker_key_prefix
     app.conf.update(
         task_default_queue=QUEUE,

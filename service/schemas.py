@@ -48,9 +48,7 @@ class Hyperparameters(StrictModel):
         description="Physical batch for memory only; does not change the privacy analysis.",
     )
     learning_rate: float = Field(5e-4, gt=0, le=10, description="Peak learning rate.")
-    max_seq_length: int = Field(
-        128, gt=0, le=32_768, description="Longer records are truncated to this many tokens."
-    )
+    max_seq_length: int = Field(128, gt=0, le=32_768, description="Longer records are truncated to this many tokens.")
     seed: int | None = Field(
         None,
         ge=0,
@@ -87,17 +85,13 @@ class PrivacySpec(StrictModel):
     )
     max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Per-unit gradient clipping norm.")
     accountant: AccountantChoice = Field("prv", description="Privacy accountant: `prv` (tight) or `rdp`.")
-    unit: PrivacyUnit = Field(
-        "record", description="Privacy unit: one record, or one entity (all its records)."
-    )
+    unit: PrivacyUnit = Field("record", description="Privacy unit: one record, or one entity (all its records).")
     entity_column: str | None = Field(None, description="Column naming the entity, for unit=entity.")
     grad_sample_mode: Literal["hooks", "ghost"] | None = Field(
         None,
         description="How per-sample gradients are computed; default: the fastest correct one for the model.",
     )
-    clipping: Literal["flat", "per_layer"] = Field(
-        "flat", description="Clip the whole gradient, or each layer."
-    )
+    clipping: Literal["flat", "per_layer"] = Field("flat", description="Clip the whole gradient, or each layer.")
 
     @model_validator(mode="after")
     def _one_target(self) -> PrivacySpec:
@@ -110,13 +104,9 @@ class PrivacySpec(StrictModel):
 
 class JobCreate(StrictModel):
     dataset_id: str = Field(description="The dataset to train on (`ds_...`).")
-    base_model: str = Field(
-        description="A built-in preset, a local path or a hub id allowed by this deployment."
-    )
+    base_model: str = Field(description="A built-in preset, a local path or a hub id allowed by this deployment.")
     task: Task = Field("causal_lm", description="What the model learns.")
-    hyperparameters: Hyperparameters = Field(
-        default_factory=Hyperparameters, description="Training settings."
-    )
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training settings.")
     lora: LoraSpec | None = Field(
         default_factory=LoraSpec, description="LoRA adapter settings, or null for full fine-tuning."
     )
@@ -133,11 +123,42 @@ class PlanOut(BaseModel):
     epsilon: float = Field(description="Accountant's upper bound on epsilon after all steps.")
     delta: float = Field(description="Delta of the guarantee.")
     accountant: str = Field(description="The accountant actually used.")
-    fell_back: bool = Field(
-        False, description="True when PRV could not be computed and RDP was used instead."
+    requested_accountant: str | None = Field(None, description="The accountant the request asked for.")
+    fell_back: bool = Field(False, description="True when PRV could not be computed and RDP was used instead.")
+    fallback_reason: str | None = Field(None, description="Why PRV could not be computed, when it fell back.")
+    target_epsilon: float | None = Field(None, description="The target the noise was solved for, if any.")
+    num_units: int | None = Field(
+        None, description="Number of privacy units the plan counts (exact: not covered by DP)."
     )
-    num_units: int | None = Field(None, description="Number of privacy units the plan counts.")
-    curve: list[tuple[int, float]] | None = Field(None, description="Planned (step, epsilon) points.")
+    batch_size: int | None = Field(None, description="Expected logical batch, in privacy units.")
+    curve: list[tuple[int, float]] | None = Field(None, description="Planned (step, epsilon) points, at most ~200.")
+
+
+class PlanRequest(StrictModel):
+    num_records: int | None = Field(None, gt=0, description="Number of privacy units. Give this or dataset_id.")
+    dataset_id: str | None = Field(None, description="Count the units of this dataset instead of num_records.")
+    entity_column: str | None = Field(
+        None, description="With dataset_id: plan entity-level DP, counting the dataset's entities."
+    )
+    batch_size: int = Field(gt=0, description="Expected logical batch (privacy units per noisy step).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the data in expectation. Or max_steps.")
+    max_steps: int | None = Field(None, gt=0, description="Number of noisy steps. Or epochs.")
+    target_epsilon: float | None = Field(None, gt=0, description="Solve the noise for this epsilon.")
+    noise_multiplier: float | None = Field(None, gt=0, description="Or report the epsilon of this noise.")
+    target_delta: float | None = Field(None, gt=0, lt=1, description="Default: derived from the unit count.")
+    accountant: AccountantChoice = Field("prv", description="`prv` (tight, default) or `rdp`.")
+
+    @model_validator(mode="after")
+    def _exactly_one_each(self) -> PlanRequest:
+        if (self.num_records is None) == (self.dataset_id is None):
+            raise ValueError("give exactly one of num_records and dataset_id")
+        if self.entity_column and self.dataset_id is None:
+            raise ValueError("entity_column needs dataset_id")
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError("give exactly one of epochs and max_steps")
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("give exactly one of target_epsilon and noise_multiplier")
+        return self
 
 
 class JobOut(BaseModel):
@@ -167,9 +188,7 @@ class JobOut(BaseModel):
 class MetricPoint(BaseModel):
     step: int = Field(description="Noisy optimizer step (1-based).")
     epsilon: float = Field(description="Epsilon spent after this step (accountant upper bound).")
-    loss: float | None = Field(
-        description="Training loss on the private batch: NOT covered by the DP guarantee."
-    )
+    loss: float | None = Field(description="Training loss on the private batch: NOT covered by the DP guarantee.")
     learning_rate: float | None
     timestamp: datetime
 
@@ -192,9 +211,7 @@ class DatasetOut(BaseModel):
     format: str
     size_bytes: int
     content_hash: str = Field(description="SHA-256 of the stored file.")
-    num_records: int = Field(
-        description="Number of records (exact: not covered by DP, visible to the tenant only)."
-    )
+    num_records: int = Field(description="Number of records (exact: not covered by DP, visible to the tenant only).")
     num_entities: int | None = Field(description="Number of distinct entities in entity_column, when named.")
     columns: list[str]
     text_field: str
@@ -202,9 +219,7 @@ class DatasetOut(BaseModel):
     entity_column: str | None
     epsilon_budget: float | None = Field(description="Total epsilon all jobs on this dataset may spend.")
     delta_budget: float | None = Field(description="Total delta all jobs on this dataset may spend.")
-    epsilon_spent: float = Field(
-        description="Epsilon spent or reserved by jobs on this dataset (basic composition)."
-    )
+    epsilon_spent: float = Field(description="Epsilon spent or reserved by jobs on this dataset (basic composition).")
     created_at: datetime
 
 
@@ -220,9 +235,31 @@ class ModelOut(BaseModel):
 class EventOut(BaseModel):
     id: int = Field(description="Increasing event id; pass as `after` to get later events.")
     object: Literal["event"] = "event"
-    type: str = Field(
-        description="created, queued, started, cancel_requested, cancelled, succeeded, failed, ..."
-    )
+    type: str = Field(description="created, queued, started, cancel_requested, cancelled, succeeded, failed, ...")
     message: str
     data: dict[str, Any]
     created_at: datetime
+
+
+class DatasetUpdate(StrictModel):
+    name: str | None = Field(None, min_length=1, max_length=300, description="New display name.")
+    epsilon_budget: float | None = Field(None, gt=0, description="New total epsilon budget (not below what is spent).")
+    delta_budget: float | None = Field(None, gt=0, lt=1, description="New total delta budget.")
+
+
+class LedgerEntryOut(BaseModel):
+    object: Literal["ledger_entry"] = "ledger_entry"
+    job_id: str
+    epsilon: float = Field(description="Epsilon this job spent (state spent) or holds in reserve (state reserved).")
+    delta: float
+    state: Literal["reserved", "spent"] = Field(
+        description="reserved: the job may still spend up to its planned epsilon; spent: final."
+    )
+    created_at: datetime
+    updated_at: datetime
+
+
+class ArtifactOut(BaseModel):
+    object: Literal["artifact"] = "artifact"
+    name: str = Field(description="Path of the file within the job's results, e.g. adapter/adapter_config.json.")
+    size_bytes: int

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DPFT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="DPFT_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(
         Path(".dpft"),

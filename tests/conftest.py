@@ -125,7 +125,7 @@ class Stack:
         return create_key(self.database_url, tenant)
 
     def artifact_path(self, key: str) -> Path:
-        return Path(self.env["DPFT_ARTIFACT_DIR"]) / key
+        return Path(self.env.get("DPFT_ARTIFACT_DIR") or self.root / "artifacts") / key
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -133,6 +133,8 @@ class Stack:
 
 
 def _start_stack(env: dict[str, str], database_url: str, root: Path) -> Iterator[Stack]:
+    # Settings this process holds for other fixtures must not leak into the stack's processes.
+    env = {**{name: "" for name in os.environ if name.startswith("DPFT_")}, **env}
     port = processes.free_port()
     api = processes.start(processes.api_command("127.0.0.1", port), env=env, log_path=root / "api.log")
     worker = processes.start(processes.worker_command(), env=env, log_path=root / "worker.log")
@@ -177,11 +179,8 @@ def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """API and worker on the embedded default: SQLite and the serverless (SQLite) broker."""
     root = tmp_path_factory.mktemp("embedded-stack")
     env = {"DPFT_DATA_DIR": str(root), "DPFT_METRICS_FLUSH_S": "0.5"}
-    for name in ("DPFT_DATABASE_URL", "DPFT_BROKER_URL", "DPFT_ARTIFACT_DIR"):
-        os.environ.pop(name, None)
     database_url = f"sqlite:///{root / 'dpft.db'}"
     upgrade(database_url)
-    env["DPFT_ARTIFACT_DIR"] = str(root / "artifacts")
     yield from _start_stack(env, database_url, root)
 
 

@@ -212,3 +212,66 @@ def test_list_jobs_pages_newest_first_and_filters(api, tenant_key: str, dataset:
     ]
     assert all(j["status"] == "queued" for j in queued)
     assert api.get("/v1/jobs", headers=auth(tenant_key), params={"status": "bogus"}).status_code == 422
+
+
+def test_plan_solves_a_spec_and_reports_the_curve(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+    body = {"num_records": 10_000, "batch_size": 100, "epochs": 3, "target_epsilon": 3.0}
+    plan = api.post("/v1/privacy/plan", headers=auth(tenant_key), json=body).json()
+    assert plan["steps"] == 300 and plan["sampling_probability"] == pytest.approx(0.01)
+    assert plan["epsilon"] <= 3.0 and plan["accountant"] == "prv" and not plan["fell_back"]
+    assert plan["delta"] < 1 / 10_000
+    assert plan["curve"][-1] == [300, pytest.approx(plan["epsilon"])]
+    assert 2 <= len(plan["curve"]) <= 200
+    reported = api.post(
+        "/v1/privacy/plan",
+        headers=auth(tenant_key),
+        json={**body, "target_epsilon": None, "noise_multiplier": plan["noise_multiplier"]},
+    ).json()
+    assert reported["epsilon"] == pytest.approx(plan["epsilon"])
+
+
+def test_plan_counts_a_datasets_units(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    base = {"dataset_id": dataset["id"], "batch_size": 10, "max_steps": 50, "noise_multiplier": 1.0}
+    records = api.post("/v1/privacy/plan", headers=auth(tenant_key), json=base).json()
+    entities = api.post(
+        "/v1/privacy/plan", headers=auth(tenant_key), json={**base, "entity_column": "user_id"}
+    ).json()
+    assert records["sampling_probability"] == pytest.approx(10 / 400)
+    assert entities["sampling_probability"] == pytest.approx(10 / dataset["num_entities"])
+    other = api.post("/v1/privacy/plan", headers=auth(tenant_key), json={**base, "entity_column": "label"})
+    assert other.status_code == 422 and "entity_column" in other.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "words"),
+    [
+        ({"target_epsilon": 0.001}, "target_epsilon", "epsilon"),
+        ({"batch_size": 20_000}, "batch_size", "larger than the dataset"),
+        ({"target_delta": 0.01}, "target_delta", "1/N"),
+    ],
+)
+def test_plan_refusals_name_the_field_and_the_fix(api, tenant_key: str, change, param, words) -> None:  # type: ignore[no-untyped-def]
+    body = {"num_records": 10_000, "batch_size": 100, "epochs": 3, "target_epsilon": 3.0, **change}
+    response = api.post("/v1/privacy/plan", headers=auth(tenant_key), json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "infeasible_privacy_spec" and error["param"] == param
+    assert words in error["message"]
+
+
+def test_ledger_patch_and_delete(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+    ds = upload(api, tenant_key).json()
+    job = api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(ds["id"])).json()
+    ledger = api.get(f"/v1/datasets/{ds['id']}/ledger", headers=auth(tenant_key)).json()["data"]
+    assert [(e["job_id"], e["state"]) for e in ledger] == [(job["id"], "reserved")]
+    assert ledger[0]["epsilon"] == pytest.approx(job["plan"]["epsilon"])
+    too_low = api.patch(f"/v1/datasets/{ds['id']}", headers=auth(tenant_key), json={"epsilon_budget": 1})
+    assert too_low.status_code == 409
+    patched = api.patch(f"/v1/datasets/{ds['id']}", headers=auth(tenant_key), json={"epsilon_budget": 20})
+    assert patched.json()["epsilon_budget"] == 20
+    busy = api.delete(f"/v1/datasets/{ds['id']}", headers=auth(tenant_key))
+    assert busy.status_code == 409 and job["id"] in busy.json()["error"]["message"]
+    api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(tenant_key))
+    assert api.delete(f"/v1/datasets/{ds['id']}", headers=auth(tenant_key)).status_code == 200
+    assert api.get(f"/v1/datasets/{ds['id']}", headers=auth(tenant_key)).status_code == 404
+    assert api.get(f"/v1/jobs/{job['id']}", headers=auth(tenant_key)).status_code == 200

@@ -10,9 +10,10 @@ from sqlalchemy import select
 from service.artifacts import get_artifact_store
 from service.auth import CurrentTenant, DbSession
 from service.datasets import copy_limited, guess_format, validate_records
+from service.errors import Conflict
 from service.jobs import epsilon_reserved, get_dataset
-from service.models import Dataset, new_id
-from service.schemas import DatasetOut, ListResponse
+from service.models import Dataset, Job, JobStatus, PrivacyLedgerEntry, new_id, utcnow
+from service.schemas import DatasetOut, DatasetUpdate, LedgerEntryOut, ListResponse
 from service.settings import get_settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -109,7 +110,9 @@ def upload_dataset(
 @router.get("", response_model=ListResponse[DatasetOut], summary="List datasets")
 def list_datasets(session: DbSession, tenant: CurrentTenant) -> ListResponse[DatasetOut]:
     rows = session.scalars(
-        select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.created_at.desc())
+        select(Dataset)
+        .where(Dataset.tenant_id == tenant.id, Dataset.deleted_at.is_(None))
+        .order_by(Dataset.created_at.desc())
     ).all()
     return ListResponse[DatasetOut](data=[dataset_out(session, d) for d in rows], has_more=False)
 
@@ -117,3 +120,74 @@ def list_datasets(session: DbSession, tenant: CurrentTenant) -> ListResponse[Dat
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="Read a dataset")
 def read_dataset(dataset_id: str, session: DbSession, tenant: CurrentTenant) -> DatasetOut:
     return dataset_out(session, get_dataset(session, tenant, dataset_id))
+
+
+@router.patch(
+    "/{dataset_id}", response_model=DatasetOut, summary="Rename a dataset or change its privacy budget"
+)
+def update_dataset(
+    dataset_id: str, update: DatasetUpdate, session: DbSession, tenant: CurrentTenant
+) -> DatasetOut:
+    dataset = get_dataset(session, tenant, dataset_id)
+    session.refresh(dataset, with_for_update=True)
+    spent_eps, spent_delta = epsilon_reserved(session, dataset.id)
+    if update.epsilon_budget is not None and update.epsilon_budget < spent_eps:
+        raise Conflict(
+            f"Jobs on this dataset have already spent or reserved epsilon {spent_eps:.4g}; "
+            "the budget cannot go below that.",
+            param="epsilon_budget",
+        )
+    if update.delta_budget is not None and update.delta_budget < spent_delta:
+        raise Conflict(
+            f"Jobs on this dataset have already spent or reserved delta {spent_delta:.3g}.",
+            param="delta_budget",
+        )
+    for field in update.model_fields_set:
+        setattr(dataset, field, getattr(update, field))
+    session.commit()
+    return dataset_out(session, dataset)
+
+
+@router.delete("/{dataset_id}", response_model=DatasetOut, summary="Delete a dataset's data")
+def delete_dataset(dataset_id: str, session: DbSession, tenant: CurrentTenant) -> DatasetOut:
+    """Deletes the stored file. The dataset's record stays (hidden) so that its jobs and privacy ledger
+    keep their history; a dataset with a job still queued or running cannot be deleted."""
+    dataset = get_dataset(session, tenant, dataset_id)
+    active = session.scalar(
+        select(Job.id).where(
+            Job.dataset_id == dataset.id,
+            Job.status.in_([JobStatus.queued, JobStatus.running, JobStatus.cancelling]),
+        )
+    )
+    if active is not None:
+        raise Conflict(f"Job {active} is still using this dataset; cancel it or wait for it to finish.")
+    dataset.deleted_at = utcnow()
+    session.commit()
+    get_artifact_store().delete(f"datasets/{dataset.id}")
+    return dataset_out(session, dataset)
+
+
+@router.get(
+    "/{dataset_id}/ledger", response_model=ListResponse[LedgerEntryOut], summary="What each job spent"
+)
+def ledger(dataset_id: str, session: DbSession, tenant: CurrentTenant) -> ListResponse[LedgerEntryOut]:
+    """The privacy ledger: per job, the epsilon and delta spent (or reserved while it runs). Under basic
+    composition they add up to the dataset's `epsilon_spent`."""
+    get_dataset(session, tenant, dataset_id)
+    rows = session.scalars(
+        select(PrivacyLedgerEntry)
+        .where(PrivacyLedgerEntry.dataset_id == dataset_id)
+        .order_by(PrivacyLedgerEntry.id)
+    ).all()
+    data = [
+        LedgerEntryOut(
+            job_id=r.job_id,
+            epsilon=r.epsilon,
+            delta=r.delta,
+            state=r.state,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+        )
+        for r in rows
+    ]
+    return ListResponse[LedgerEntryOut](data=data, has_more=False)

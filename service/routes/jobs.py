@@ -6,13 +6,16 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import FileResponse
 from sqlalchemy import select
 
+from service.artifacts import get_artifact_store
 from service.auth import CurrentTenant, DbSession
+from service.errors import NotFound
 from service.jobs import cancel_job, create_job, get_job, job_out, list_jobs
 from service.models import JobEvent, JobMetric, JobStatus
 from service.queue import enqueue_training
-from service.schemas import EventOut, JobCreate, JobOut, ListResponse, MetricPoint, MetricsPage
+from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, ListResponse, MetricPoint, MetricsPage
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -83,6 +86,38 @@ def events(
         for e in rows[:limit]
     ]
     return ListResponse[EventOut](data=data, has_more=len(rows) > limit)
+
+
+def job_results(job_id: str) -> list[tuple[str, int]]:
+    """The files a user may download: the adapter (or model) and the privacy report, not checkpoints."""
+    store = get_artifact_store()
+    prefix = f"jobs/{job_id}/"
+    results = []
+    for key in store.list(prefix):
+        name = key.removeprefix(prefix)
+        if not name.startswith("checkpoints/"):
+            results.append((name, store.path(key).stat().st_size))
+    return results
+
+
+@router.get("/{job_id}/artifacts", response_model=ListResponse[ArtifactOut], summary="The job's results")
+def artifacts(job_id: str, session: DbSession, tenant: CurrentTenant) -> ListResponse[ArtifactOut]:
+    get_job(session, tenant, job_id)
+    data = [ArtifactOut(name=name, size_bytes=size) for name, size in job_results(job_id)]
+    return ListResponse[ArtifactOut](data=data, has_more=False)
+
+
+@router.get(
+    "/{job_id}/artifacts/{name:path}", summary="Download one result file", response_class=FileResponse
+)
+def artifact(job_id: str, name: str, session: DbSession, tenant: CurrentTenant) -> FileResponse:
+    get_job(session, tenant, job_id)
+    if name not in dict(job_results(job_id)):
+        raise NotFound(
+            f"Job {job_id} has no artifact {name!r}; GET its /artifacts for the list.", param="name"
+        )
+    path = get_artifact_store().path(f"jobs/{job_id}/{name}")
+    return FileResponse(path, filename=path.name)
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Read a job")

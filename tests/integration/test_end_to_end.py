@@ -3,6 +3,7 @@ process training with DP-SGD, and per-step epsilon in the database, on both conf
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -45,6 +46,20 @@ def test_job_trains_with_dp_and_records_epsilon_per_step(stack) -> None:  # type
         final = client.wait(job["id"], timeout=240)
         assert final["status"] == "succeeded", (final, stack.log("worker"))
         points = client.all_metrics(job["id"])
+        artifacts = {a["name"] for a in client.artifacts(job["id"])}
+        report = client.download(job["id"], "privacy_report.json")
+        events = [e["type"] for e in client.events(job["id"])]
+
+    assert {
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "privacy_report.json",
+    } <= artifacts
+    assert not any(name.startswith("checkpoints/") for name in artifacts)
+    report = json.loads(report)
+    assert report["epsilon"] == pytest.approx(final["epsilon"]) and report["steps_taken"] == plan["steps"]
+    assert report["noise_multiplier"] == plan["noise_multiplier"] and report["unit"] == "record"
+    assert events == ["created", "queued", "started", "succeeded"]
 
     steps = [p["step"] for p in points]
     assert steps == list(range(1, plan["steps"] + 1)), "one metrics row per noisy step, no gap"
