@@ -14,8 +14,13 @@ pytestmark = pytest.mark.integration
 def dpft(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run `dpft` with only the given DPFT_ settings (none inherited from this process)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DPFT_")}
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], env={**clean, **env},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_embedded_migrate_then_keys_create_prints_the_key_last(tmp_path) -> None:  # type: ignore[no-untyped-def]
