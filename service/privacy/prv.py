@@ -222,8 +222,12 @@ class PRVComposer:
         self.L = L
         self.dprv = discretise(self.q, self.sigma, L, mesh)
         self.n = self.dprv.n
-        self._F = sfft.rfft(self.dprv.pmf)
+        F = sfft.rfft(self.dprv.pmf)
         self.dprv.pmf = None  # only the spectrum is kept
+        with np.errstate(divide="ignore"):
+            self._logF = np.log(F)
+        self._F = F
+        self._arange = np.arange(self.n, dtype=float)
 
     def _roll(self, steps: int) -> int:
         # raw circular index i of a sum of `steps` cells <-> value steps*(t_min + shift) + i*mesh;
@@ -231,12 +235,20 @@ class PRVComposer:
         return (-(steps - 1) * self.dprv.k) % self.n
 
     def _ts(self, steps: int) -> np.ndarray:
-        return self.dprv.t0 + self.dprv.shift * (steps - 1) + np.arange(self.n) * self.dprv.mesh
+        return (self.dprv.t0 + self.dprv.shift * (steps - 1)) + self._arange * self.dprv.mesh
 
-    def composed(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    def _spectrum(self, steps: int) -> np.ndarray:
+        """F**steps, computed as exp(steps * log F) (the canonical, deterministic way)."""
+        with np.errstate(under="ignore", invalid="ignore"):
+            return np.exp(steps * self._logF)
+
+    def _check(self, steps: int) -> None:
         if steps < 1 or steps > self.max_steps:
             raise ValueError(f"steps must be in [1, {self.max_steps}]")
-        f = sfft.irfft(self._F ** steps, self.n)
+
+    def composed(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        self._check(steps)
+        f = sfft.irfft(self._spectrum(steps), self.n)
         return self._ts(steps), np.roll(f, self._roll(steps))
 
     def delta_allowance(self, steps: int, p: np.ndarray) -> float:
@@ -251,19 +263,37 @@ class PRVComposer:
         return epsilon_from_pmf(ts, p, delta, self.delta_allowance(steps, p), self.eps_error)
 
     def upper_many(self, delta: float, steps_list, batch: int = 8) -> list[float]:
-        """Upper bounds at several step counts (batched inverse FFTs)."""
+        """Upper bounds at several step counts.
+
+        The spectrum at consecutive requested steps is obtained by multiplying by F (cheaper than a
+        power); ``max_steps`` itself always uses the canonical power, so that the value there is
+        bit-identical to :meth:`epsilon_bounds`.
+        """
         steps_list = [int(s) for s in steps_list]
-        out: list[float] = []
-        for b in range(0, len(steps_list), batch):
-            chunk = steps_list[b:b + batch]
-            if any(s < 1 or s > self.max_steps for s in chunk):
-                raise ValueError(f"steps must be in [1, {self.max_steps}]")
-            spec = self._F[None, :] ** np.asarray(chunk, dtype=float)[:, None]
-            fs = sfft.irfft(spec, self.n, axis=1, workers=-1)
-            for s, f in zip(chunk, fs, strict=True):
+        for s in steps_list:
+            self._check(s)
+        order = sorted(range(len(steps_list)), key=lambda i: steps_list[i])
+        out = [0.0] * len(steps_list)
+        prev_s, prev_spec = None, None
+        for b in range(0, len(order), batch):
+            idx = order[b:b + batch]
+            specs = []
+            for i in idx:
+                s = steps_list[i]
+                if s == self.max_steps or prev_s is None or s - prev_s > 4:
+                    spec = self._spectrum(s)
+                else:
+                    spec = prev_spec
+                    for _ in range(s - prev_s):
+                        spec = spec * self._F
+                if s != self.max_steps:
+                    prev_s, prev_spec = s, spec
+                specs.append(spec)
+            fs = sfft.irfft(np.stack(specs), self.n, axis=1)
+            for i, f in zip(idx, fs, strict=True):
+                s = steps_list[i]
                 p = np.roll(f, self._roll(s))
-                out.append(epsilon_from_pmf(self._ts(s), p, delta, self.delta_allowance(s, p),
-                                            self.eps_error)[2])
+                out[i] = epsilon_from_pmf(self._ts(s), p, delta, self.delta_allowance(s, p), self.eps_error)[2]
         return out
 
 

@@ -140,9 +140,9 @@ def test_tracker_agrees_with_plan_and_increases(accountant):
     assert eps[0] == 0.0
     assert eps[-1] == plan.epsilon
     assert all(np.diff(eps[1:]) > 0)
-    # never below the bound computed directly, and equal to it at the curve points
+    # the planned curve is the same bound (up to float rounding: the tracker builds consecutive spectra by
+    # multiplication, the curve by powers)
     for s, e in plan.curve:
-        assert tracker.epsilon(s) <= e
         assert tracker.epsilon(s) == pytest.approx(e, rel=1e-9)
     with pytest.raises(ValueError):
         tracker.epsilon(plan.steps + 1)
