@@ -95,3 +95,14 @@ def test_privatize_trainer_refuses_preference_trainers() -> None:
         privatize_trainer(DPOTrainer)
     with pytest.raises(EngineError):
         privatize_trainer(object)  # type: ignore[arg-type]
+
+
+def test_modules_that_mix_examples_are_refused() -> None:
+    """PRIVACY.md 8: batch norm shares statistics across a batch; per-sample gradients would lie."""
+    from torch import nn
+
+    from worker.engine.trainer import _refuse_unit_mixing_modules
+
+    _refuse_unit_mixing_modules(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))
+    with pytest.raises(EngineError, match="mixes examples"):
+        _refuse_unit_mixing_modules(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
