@@ -214,3 +214,78 @@ def test_another_tenants_job_is_not_reachable(page, postgres_stack, tenant) -> N
     assert page.locator("#eps-chart").count() == 0
     shot(page, "job-other-tenant")
 
+
+
+def test_a_job_with_100000_steps_renders_quickly(browser) -> None:  # type: ignore[no-untyped-def]
+    """The job page against a stand-in API (Playwright request routing) holding 100,000 steps: the
+    page pages through the metrics with since_step and draws ~2,000 points per series, quickly."""
+    import json
+    import math
+
+    static = Path(__file__).resolve().parents[2] / "service" / "dashboard" / "static"
+    total = 100_000
+    curve = [[s, 8.0 * math.sqrt(s / total)] for s in range(0, total + 1, 500)][1:]
+    job = {
+        "id": "job_big", "object": "job", "status": "succeeded", "dataset_id": "ds_big",
+        "base_model": "dpft/tiny-gpt2", "task": "causal_lm", "step": total, "total_steps": total,
+        "epsilon": 8.0 * math.sqrt(1.0), "target_epsilon": 8.0,
+        "plan": {"noise_multiplier": 0.9, "sampling_probability": 0.001, "steps": total, "epsilon": 8.0,
+                 "delta": 1e-6, "accountant": "prv", "fell_back": False, "num_units": 1_000_000, "curve": curve},
+        "hyperparameters": {"batch_size": 1000, "learning_rate": 5e-4, "max_steps": total},
+        "lora": {"r": 8, "alpha": 16}, "privacy": {"max_grad_norm": 1.0, "unit": "record", "accountant": "prv"},
+        "stop_reason": "completed", "attempt": 1, "error": None, "metadata": {},
+        "created_at": "2026-11-20T08:00:00Z", "started_at": "2026-11-20T08:00:05Z",
+        "finished_at": "2026-11-21T02:10:00Z",
+    }
+    metric_requests: list[int] = []
+
+    def handle(route, request) -> None:  # type: ignore[no-untyped-def]
+        from urllib.parse import parse_qs, urlparse
+
+        url = urlparse(request.url)
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path.startswith("/dashboard/static/"):
+            name = url.path.rsplit("/", 1)[1]
+            types = {"js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
+            route.fulfill(body=(static / name).read_bytes(), content_type=types[name.rsplit(".", 1)[1]])
+        elif url.path.startswith("/dashboard"):
+            route.fulfill(body=(static / "index.html").read_bytes(), content_type="text/html")
+        elif url.path == "/v1/jobs/job_big":
+            route.fulfill(json=job)
+        elif url.path == "/v1/jobs/job_big/metrics":
+            since, limit = int(q.get("since_step", 0)), int(q.get("limit", 1000))
+            metric_requests.append(since)
+            steps = range(since + 1, min(total, since + limit) + 1)
+            data = [
+                {"step": s, "epsilon": 8.0 * math.sqrt(s / total), "loss": 2 + 1 / math.sqrt(s) + (s % 7) / 100,
+                 "learning_rate": 5e-4, "timestamp": "2026-11-20T08:00:06Z"}
+                for s in steps
+            ]
+            route.fulfill(json={"object": "list", "data": data, "has_more": steps[-1] < total if data else False,
+                                "next_since_step": steps[-1] if data else since, "note": "loss is not covered"})
+        elif url.path.startswith("/v1/jobs/job_big/"):
+            route.fulfill(json={"object": "list", "data": [], "has_more": False})
+        elif url.path == "/v1/datasets":
+            route.fulfill(json={"object": "list", "data": [{"id": "ds_big", "name": "big"}], "has_more": False})
+        else:
+            route.fulfill(status=404, json={"error": {"code": "not_found", "message": "no", "param": None}})
+
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    try:
+        context.add_init_script("sessionStorage.setItem('dpft.apiKey', 'dpft_synthetic')")
+        context.route("http://dashboard.test/**", handle)
+        page = context.new_page()
+        page.goto("http://dashboard.test/dashboard/jobs/job_big")
+        page.locator("main[data-final='true']").wait_for(timeout=60_000)
+        assert page.locator("#eps-chart").get_attribute("data-points") == str(total)
+        assert page.locator("#step-value").inner_text() == "100,000"
+        assert page.locator("#eps-value").inner_text() == "8.00"
+        assert metric_requests[:2] == [0, 10_000], "metrics are fetched incrementally with since_step"
+        drawn = int(page.locator("#eps-chart-svg path.s-actual").get_attribute("data-drawn"))
+        assert drawn <= 2002, drawn
+        render_ms = float(page.locator("#eps-chart").get_attribute("data-render-ms"))
+        assert render_ms < 250, f"drawing both charts from 100,000 points took {render_ms} ms"
+        print(f"100,000-step job: both charts drawn in {render_ms} ms, {drawn} points in the epsilon path")
+        shot(page, "job-100k-steps")
+    finally:
+        context.close()

@@ -52,10 +52,15 @@
     year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
   });
   const clockFmt = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
-  function timeEl(iso) {
+  const eventClockFmt = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+  const shortFmt = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+  const shortYearFmt = new Intl.DateTimeFormat(undefined, { year: "numeric", month: "short", day: "numeric" });
+  /** A <time> with a short local label ("Nov 23, 12:37 PM"; the year when it is not this one), full time on hover. */
+  function timeEl(iso, fmt) {
     if (!iso) return h("span", { class: "muted", text: "—" });
     const d = new Date(iso);
-    return h("time", { datetime: iso, title: iso, text: timeFmt.format(d) });
+    const label = fmt ? fmt.format(d) : d.getFullYear() === new Date().getFullYear() ? shortFmt.format(d) : shortYearFmt.format(d);
+    return h("time", { datetime: iso, title: timeFmt.format(d), text: label });
   }
   function fmtDuration(ms) {
     if (!Number.isFinite(ms) || ms < 0) return "—";
@@ -640,11 +645,14 @@
       for (const ev of page.data) {
         eventsAfter = Math.max(eventsAfter, ev.id);
         el.events.append(h("li", { "data-type": ev.type },
-          h("span", { class: "ev-time small muted" }, timeEl(ev.created_at)),
+          h("span", { class: "ev-time small muted" }, timeEl(ev.created_at, eventClockFmt)),
           h("span", { class: `ev-type ev-${ev.type}`, text: ev.type }),
           h("span", { class: "ev-msg", text: ev.message })));
       }
+      if (!eventsAfter && !el.events.firstChild) el.events.append(h("li", { class: "muted ev-none", text: "No events yet." }));
       if (page.data.length) {
+        const none = el.events.querySelector(".ev-none");
+        if (none) none.remove();
         const box = el.events.parentElement;
         box.scrollTop = box.scrollHeight;
       }
@@ -707,6 +715,12 @@
       for (const [k, v] of rows) el.plan.append(h("div", {}, h("dt", { text: k }), h("dd", { class: "num", text: v })));
     }
 
+    function runningNote(start) {
+      if (!(job.step > 0) || job.step >= job.total_steps) return job.status;
+      const left = ((Date.now() - start) / job.step) * (job.total_steps - job.step);
+      return `${job.status} · about ${fmtDuration(left)} left`;
+    }
+
     function renderJob() {
       const terminal = TERMINAL.has(job.status);
       el.status.replaceWith(el.status = statusBadge(job.status));
@@ -726,8 +740,8 @@
       const end = job.finished_at ? Date.parse(job.finished_at) : Date.now();
       el.timing.textContent = start ? fmtDuration(end - start) : "—";
       el.timingNote.textContent = terminal
-        ? `finished ${job.finished_at ? timeFmt.format(new Date(job.finished_at)) : ""}`
-        : start ? "running" : `queued since ${clockFmt.format(new Date(job.created_at))}`;
+        ? `finished ${job.finished_at ? shortFmt.format(new Date(job.finished_at)) : ""}`
+        : start ? runningNote(start) : `queued since ${clockFmt.format(new Date(job.created_at))}`;
       clear(el.meta);
       append(el.meta, [
         h("span", {}, "Dataset ", datasetLink(job.dataset_id)), " · ",
@@ -743,6 +757,7 @@
     }
 
     function renderCharts() {
+      const t0 = performance.now();
       const x1 = Math.max(job.total_steps, job.plan.steps || 0, m.steps.length ? m.steps[m.steps.length - 1] : 0, 1);
       const plan = (job.plan.curve || []).filter((pt) => Array.isArray(pt));
       const planXs = [0, ...plan.map((pt) => pt[0])];
@@ -764,6 +779,7 @@
       lossChart.draw({ x0: 0, x1, y0: Math.floor((lo - pad) / step) * step, y1: Math.ceil((hi + pad) / step) * step },
         [{ name: "loss", cls: "s-loss", xs: m.lossSteps, ys: m.loss }]);
       lossFigure.dataset.points = String(m.lossSteps.length);
+      epsFigure.dataset.renderMs = (performance.now() - t0).toFixed(1); // both charts, for the tests
     }
 
     async function tick() {
@@ -880,7 +896,7 @@
       h("td", {}, h("span", { class: `badge st-${e.state}`, text: e.state })),
       h("td", { class: "num r", text: fmtEps(e.epsilon) }),
       h("td", { class: "num r", text: fmtDelta(e.delta) }),
-      h("td", { class: "small" }, timeEl(e.created_at))));
+      h("td", { class: "small" }, timeEl(e.updated_at || e.created_at))));
     return h("section", { class: "panel ds-card", id: ds.id, "aria-labelledby": `${ds.id}-h`, "data-dataset-id": ds.id },
       h("div", { class: "ds-head" },
         h("h2", { id: `${ds.id}-h`, text: ds.name }),
@@ -897,7 +913,7 @@
       entries.length
         ? h("table", { class: "ledger" },
           h("caption", { class: "sr-only", text: `Privacy spend of each job on ${ds.name}` }),
-          h("thead", {}, h("tr", {}, ["Job", "State", "ε", "δ", "Recorded"].map((t, i) => h("th", { scope: "col", class: i === 2 || i === 3 ? "r" : null, text: t })))),
+          h("thead", {}, h("tr", {}, ["Job", "State", "ε", "δ", "Updated"].map((t, i) => h("th", { scope: "col", class: i === 2 || i === 3 ? "r" : null, text: t })))),
           h("tbody", {}, rows))
         : h("p", { class: "small muted", text: "No job has used this dataset yet." }),
       derived ? h("p", { class: "small muted", text: "Derived from the dataset’s jobs (this server has no ledger endpoint)." }) : null);
