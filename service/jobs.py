@@ -40,9 +40,7 @@ def allowed_models() -> set[str]:
 def get_dataset(session: Session, tenant: Tenant, dataset_id: str) -> Dataset:
     """The tenant's dataset (not deleted), or 404."""
     dataset = session.scalar(
-        select(Dataset).where(
-            Dataset.id == dataset_id, Dataset.tenant_id == tenant.id, Dataset.deleted_at.is_(None)
-        )
+        select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant.id, Dataset.deleted_at.is_(None))
     )
     if dataset is None:
         raise NotFound(f"No dataset {dataset_id!r}.", param="dataset_id")
@@ -54,6 +52,12 @@ def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     if job is None:
         raise NotFound(f"No job {job_id!r}.", param="job_id")
     return job
+
+
+def require_job(session: Session, tenant: Tenant, job_id: str) -> None:
+    """404 unless the tenant has this job; cheaper than get_job for endpoints polled every second."""
+    if session.scalar(select(Job.id).where(Job.id == job_id, Job.tenant_id == tenant.id)) is None:
+        raise NotFound(f"No job {job_id!r}.", param="job_id")
 
 
 def add_event(session: Session, job_id: str, type_: str, message: str, **data: Any) -> None:
@@ -125,15 +129,11 @@ def request_hash(request: JobCreate) -> str:
     return hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def create_job(
-    session: Session, tenant: Tenant, request: JobCreate, idempotency_key: str | None
-) -> tuple[Job, bool]:
+def create_job(session: Session, tenant: Tenant, request: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
     """Validate, solve, reserve the budget and store a queued job. Returns (job, created)."""
     body_hash = request_hash(request)
     if idempotency_key:
-        existing = session.scalar(
-            select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key)
-        )
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
         if existing is not None:
             if existing.request_hash != body_hash:
                 raise InvalidRequest(
@@ -150,9 +150,7 @@ def create_job(
         )
     dataset = get_dataset(session, tenant, request.dataset_id)
     if request.task != "causal_lm" and not dataset.label_field:
-        raise InvalidRequest(
-            f"Task {request.task} needs labels: upload the dataset with `label_field`.", param="task"
-        )
+        raise InvalidRequest(f"Task {request.task} needs labels: upload the dataset with `label_field`.", param="task")
     plan = solve_plan(request, count_units(dataset, request))
 
     # Lock the dataset row (after the slow solve) so that concurrent job creations on it cannot
@@ -192,9 +190,7 @@ def create_job(
         session.flush()
     except IntegrityError:
         session.rollback()
-        raise Conflict(
-            "A request with this Idempotency-Key is already being processed; retry shortly."
-        ) from None
+        raise Conflict("A request with this Idempotency-Key is already being processed; retry shortly.") from None
     session.add(
         PrivacyLedgerEntry(
             dataset_id=dataset.id, job_id=job.id, epsilon=plan.epsilon, delta=plan.delta, state="reserved"
@@ -245,9 +241,7 @@ def cancel_job(session: Session, job: Job) -> Job:
     cancelled_now = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == JobStatus.queued)
-        .values(
-            status=JobStatus.cancelled, stop_reason="cancelled", finished_at=utcnow(), cancel_requested=True
-        )
+        .values(status=JobStatus.cancelled, stop_reason="cancelled", finished_at=utcnow(), cancel_requested=True)
     ).rowcount
     if cancelled_now:
         session.execute(
@@ -274,6 +268,7 @@ def list_jobs(
     *,
     status: str | None,
     dataset_id: str | None,
+    metadata: dict[str, str],
     after: str | None,
     limit: int,
 ) -> tuple[list[Job], bool]:
@@ -283,11 +278,12 @@ def list_jobs(
         query = query.where(Job.status == status)
     if dataset_id:
         query = query.where(Job.dataset_id == dataset_id)
+    for key, value in metadata.items():
+        query = query.where(Job.job_metadata[key].as_string() == value)
     if after:
         cursor = get_job(session, tenant, after)
         query = query.where(
-            (Job.created_at < cursor.created_at)
-            | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id))
+            (Job.created_at < cursor.created_at) | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id))
         )
     rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
     return list(rows[:limit]), len(rows) > limit

@@ -275,3 +275,29 @@ def test_ledger_patch_and_delete(api, tenant_key: str) -> None:  # type: ignore[
     assert api.delete(f"/v1/datasets/{ds['id']}", headers=auth(tenant_key)).status_code == 200
     assert api.get(f"/v1/datasets/{ds['id']}", headers=auth(tenant_key)).status_code == 404
     assert api.get(f"/v1/jobs/{job['id']}", headers=auth(tenant_key)).status_code == 200
+
+
+def test_jobs_filter_on_metadata(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    tagged = {**job_body(dataset["id"]), "metadata": {"team": "risk", "run": "7"}}
+    job = api.post("/v1/jobs", headers=auth(tenant_key), json=tagged).json()
+    assert job["metadata"] == {"team": "risk", "run": "7"}
+    found = api.get("/v1/jobs", headers=auth(tenant_key), params={"metadata[team]": "risk", "metadata[run]": "7"})
+    assert [j["id"] for j in found.json()["data"]] == [job["id"]]
+    none = api.get("/v1/jobs", headers=auth(tenant_key), params={"metadata[team]": "other"})
+    assert none.json()["data"] == []
+    too_many = {**job_body(dataset["id"]), "metadata": {str(i): "x" for i in range(17)}}
+    assert api.post("/v1/jobs", headers=auth(tenant_key), json=too_many).status_code == 422
+
+
+def test_metrics_answer_304_when_nothing_is_new(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    job = api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(dataset["id"])).json()
+    first = api.get(f"/v1/jobs/{job['id']}/metrics", headers=auth(tenant_key), params={"since_step": 0})
+    assert first.status_code == 200 and first.json()["data"] == [] and first.json()["next_since_step"] == 0
+    etag = first.headers["ETag"]
+    again = api.get(
+        f"/v1/jobs/{job['id']}/metrics",
+        headers={**auth(tenant_key), "If-None-Match": etag},
+        params={"since_step": 0},
+    )
+    assert again.status_code == 304 and again.content == b""
+    assert "not covered" in first.json()["note"]

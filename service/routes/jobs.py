@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from service.artifacts import get_artifact_store
 from service.auth import CurrentTenant, DbSession
 from service.errors import NotFound
-from service.jobs import cancel_job, create_job, get_job, job_out, list_jobs
+from service.jobs import cancel_job, create_job, get_job, job_out, list_jobs, require_job
 from service.models import JobEvent, JobMetric, JobStatus
 from service.queue import enqueue_training
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, ListResponse, MetricPoint, MetricsPage
@@ -46,6 +46,7 @@ def create(
 
 @router.get("", response_model=ListResponse[JobOut], summary="List jobs, newest first")
 def list_(
+    request: Request,
     session: DbSession,
     tenant: CurrentTenant,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
@@ -53,8 +54,14 @@ def list_(
     after: Annotated[str | None, Query(description="Cursor: the last job id of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
 ) -> ListResponse[JobOut]:
+    """Filter on metadata with `metadata[key]=value` query parameters (all must match)."""
+    metadata = {
+        name[len("metadata[") : -1]: value
+        for name, value in request.query_params.items()
+        if name.startswith("metadata[") and name.endswith("]")
+    }
     jobs, has_more = list_jobs(
-        session, tenant, status=status, dataset_id=dataset_id, after=after, limit=limit
+        session, tenant, status=status, dataset_id=dataset_id, metadata=metadata, after=after, limit=limit
     )
     return ListResponse[JobOut](data=[job_out(job) for job in jobs], has_more=has_more)
 
@@ -74,12 +81,9 @@ def events(
     after: Annotated[int, Query(ge=0, description="Only events with a larger id.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="Page size.")] = 100,
 ) -> ListResponse[EventOut]:
-    get_job(session, tenant, job_id)
+    require_job(session, tenant, job_id)
     rows = session.scalars(
-        select(JobEvent)
-        .where(JobEvent.job_id == job_id, JobEvent.id > after)
-        .order_by(JobEvent.id)
-        .limit(limit + 1)
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit + 1)
     ).all()
     data = [
         EventOut(id=e.id, type=e.type, message=e.message, data=e.data or {}, created_at=e.created_at)
@@ -107,15 +111,11 @@ def artifacts(job_id: str, session: DbSession, tenant: CurrentTenant) -> ListRes
     return ListResponse[ArtifactOut](data=data, has_more=False)
 
 
-@router.get(
-    "/{job_id}/artifacts/{name:path}", summary="Download one result file", response_class=FileResponse
-)
+@router.get("/{job_id}/artifacts/{name:path}", summary="Download one result file", response_class=FileResponse)
 def artifact(job_id: str, name: str, session: DbSession, tenant: CurrentTenant) -> FileResponse:
     get_job(session, tenant, job_id)
     if name not in dict(job_results(job_id)):
-        raise NotFound(
-            f"Job {job_id} has no artifact {name!r}; GET its /artifacts for the list.", param="name"
-        )
+        raise NotFound(f"Job {job_id} has no artifact {name!r}; GET its /artifacts for the list.", param="name")
     path = get_artifact_store().path(f"jobs/{job_id}/{name}")
     return FileResponse(path, filename=path.name)
 
@@ -125,17 +125,21 @@ def read(job_id: str, session: DbSession, tenant: CurrentTenant) -> JobOut:
     return job_out(get_job(session, tenant, job_id))
 
 
-@router.get(
-    "/{job_id}/metrics", response_model=MetricsPage, summary="Per-step epsilon, loss and learning rate"
-)
+@router.get("/{job_id}/metrics", response_model=MetricsPage, summary="Per-step epsilon, loss and learning rate")
 def metrics(
     job_id: str,
     session: DbSession,
     tenant: CurrentTenant,
+    response: Response,
     since_step: Annotated[int, Query(ge=0, description="Return points with step greater than this.")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000, description="Most points to return.")] = 1000,
-) -> MetricsPage:
-    get_job(session, tenant, job_id)
+    if_none_match: Annotated[
+        str | None, Header(description="The ETag of the last answer: 304 Not Modified when nothing is new.")
+    ] = None,
+) -> MetricsPage | Response:
+    """Keyset-paged: poll with `since_step` = the last `next_since_step` to get only new points.
+    Send `If-None-Match` with the previous ETag to get an empty 304 when nothing is new."""
+    require_job(session, tenant, job_id)
     rows = session.scalars(
         select(JobMetric)
         .where(JobMetric.job_id == job_id, JobMetric.step > since_step)
@@ -143,6 +147,11 @@ def metrics(
         .limit(limit + 1)
     ).all()
     page = rows[:limit]
+    last_step = page[-1].step if page else since_step
+    etag = f'W/"{job_id}:{since_step}:{limit}:{last_step}:{len(rows)}"'
+    if if_none_match == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    response.headers["ETag"] = etag
     return MetricsPage(
         data=[
             MetricPoint(
@@ -155,5 +164,5 @@ def metrics(
             for m in page
         ],
         has_more=len(rows) > limit,
-        next_since_step=page[-1].step if page else since_step,
+        next_since_step=last_step,
     )
