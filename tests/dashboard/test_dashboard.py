@@ -62,11 +62,19 @@ def page(browser):  # type: ignore[no-untyped-def]
     context = browser.new_context(viewport={"width": 1440, "height": 900}, device_scale_factor=1)
     page = context.new_page()
     errors: list[str] = []
+    elsewhere: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on(
+        "request",
+        lambda request: (
+            None if request.url.startswith(("http://127.0.0.1:", "blob:", "data:")) else elsewhere.append(request.url)
+        ),
+    )
     page.set_default_timeout(15_000)
     yield page
     context.close()
     assert not errors, f"JavaScript errors in the page: {errors}"
+    assert not elsewhere, f"the dashboard loaded something from another origin: {elsewhere}"
 
 
 def shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
@@ -121,9 +129,7 @@ def test_job_page_follows_the_job_live(page, postgres_stack, tenant) -> None:  #
     shot_taken = False
     while time.monotonic() < deadline:
         points = int(chart.get_attribute("data-points") or 0)
-        status = page.locator("#job-status").get_attribute("data-status") if page.locator(
-            "#job-status"
-        ).count() else ""
+        status = page.locator("#job-status").get_attribute("data-status") if page.locator("#job-status").count() else ""
         seen.append((points, status or ""))
         if status == "running" and points > STEPS // 3 and not shot_taken:
             shot(page, "job-running")
@@ -215,26 +221,45 @@ def test_another_tenants_job_is_not_reachable(page, postgres_stack, tenant) -> N
     shot(page, "job-other-tenant")
 
 
-
 def test_a_job_with_100000_steps_renders_quickly(browser) -> None:  # type: ignore[no-untyped-def]
     """The job page against a stand-in API (Playwright request routing) holding 100,000 steps: the
     page pages through the metrics with since_step and draws ~2,000 points per series, quickly."""
-    import json
     import math
 
     static = Path(__file__).resolve().parents[2] / "service" / "dashboard" / "static"
     total = 100_000
     curve = [[s, 8.0 * math.sqrt(s / total)] for s in range(0, total + 1, 500)][1:]
     job = {
-        "id": "job_big", "object": "job", "status": "succeeded", "dataset_id": "ds_big",
-        "base_model": "dpft/tiny-gpt2", "task": "causal_lm", "step": total, "total_steps": total,
-        "epsilon": 8.0 * math.sqrt(1.0), "target_epsilon": 8.0,
-        "plan": {"noise_multiplier": 0.9, "sampling_probability": 0.001, "steps": total, "epsilon": 8.0,
-                 "delta": 1e-6, "accountant": "prv", "fell_back": False, "num_units": 1_000_000, "curve": curve},
+        "id": "job_big",
+        "object": "job",
+        "status": "succeeded",
+        "dataset_id": "ds_big",
+        "base_model": "dpft/tiny-gpt2",
+        "task": "causal_lm",
+        "step": total,
+        "total_steps": total,
+        "epsilon": 8.0 * math.sqrt(1.0),
+        "target_epsilon": 8.0,
+        "plan": {
+            "noise_multiplier": 0.9,
+            "sampling_probability": 0.001,
+            "steps": total,
+            "epsilon": 8.0,
+            "delta": 1e-6,
+            "accountant": "prv",
+            "fell_back": False,
+            "num_units": 1_000_000,
+            "curve": curve,
+        },
         "hyperparameters": {"batch_size": 1000, "learning_rate": 5e-4, "max_steps": total},
-        "lora": {"r": 8, "alpha": 16}, "privacy": {"max_grad_norm": 1.0, "unit": "record", "accountant": "prv"},
-        "stop_reason": "completed", "attempt": 1, "error": None, "metadata": {},
-        "created_at": "2026-11-20T08:00:00Z", "started_at": "2026-11-20T08:00:05Z",
+        "lora": {"r": 8, "alpha": 16},
+        "privacy": {"max_grad_norm": 1.0, "unit": "record", "accountant": "prv"},
+        "stop_reason": "completed",
+        "attempt": 1,
+        "error": None,
+        "metadata": {},
+        "created_at": "2026-11-20T08:00:00Z",
+        "started_at": "2026-11-20T08:00:05Z",
         "finished_at": "2026-11-21T02:10:00Z",
     }
     metric_requests: list[int] = []
@@ -257,12 +282,24 @@ def test_a_job_with_100000_steps_renders_quickly(browser) -> None:  # type: igno
             metric_requests.append(since)
             steps = range(since + 1, min(total, since + limit) + 1)
             data = [
-                {"step": s, "epsilon": 8.0 * math.sqrt(s / total), "loss": 2 + 1 / math.sqrt(s) + (s % 7) / 100,
-                 "learning_rate": 5e-4, "timestamp": "2026-11-20T08:00:06Z"}
+                {
+                    "step": s,
+                    "epsilon": 8.0 * math.sqrt(s / total),
+                    "loss": 2 + 1 / math.sqrt(s) + (s % 7) / 100,
+                    "learning_rate": 5e-4,
+                    "timestamp": "2026-11-20T08:00:06Z",
+                }
                 for s in steps
             ]
-            route.fulfill(json={"object": "list", "data": data, "has_more": steps[-1] < total if data else False,
-                                "next_since_step": steps[-1] if data else since, "note": "loss is not covered"})
+            route.fulfill(
+                json={
+                    "object": "list",
+                    "data": data,
+                    "has_more": steps[-1] < total if data else False,
+                    "next_since_step": steps[-1] if data else since,
+                    "note": "loss is not covered",
+                }
+            )
         elif url.path.startswith("/v1/jobs/job_big/"):
             route.fulfill(json={"object": "list", "data": [], "has_more": False})
         elif url.path == "/v1/datasets":
