@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from service.db import get_session
 from service.errors import Unauthorized
-from service.models import ApiKey, Tenant
+from service.models import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "dpft_"
 
@@ -37,6 +37,20 @@ def create_api_key(session: Session, tenant_name: str, key: str | None = None) -
     return key
 
 
+def revoke_api_key(session: Session, key_or_prefix: str) -> ApiKey:
+    """Revoke the key given in full, or by the prefix `dpft keys list` shows."""
+    if key_or_prefix.startswith(KEY_PREFIX) and len(key_or_prefix) > 20:
+        matches = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(key_or_prefix))).all()
+    else:
+        matches = session.scalars(select(ApiKey).where(ApiKey.prefix == key_or_prefix)).all()
+    if len(matches) != 1:
+        raise LookupError(f"{len(matches)} keys match {key_or_prefix!r}; give the whole key or a unique prefix")
+    key = matches[0]
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return key
+
+
 def ensure_configured_keys(session: Session, pairs: str) -> None:
     """Store the `tenant:key` pairs from DPFT_API_KEYS (idempotent)."""
     for pair in filter(None, (p.strip() for p in pairs.split(","))):
@@ -55,9 +69,7 @@ def current_tenant(
 ) -> Tenant:
     """FastAPI dependency: the tenant whose (unrevoked) key is in the Authorization header."""
     if credentials is None or not credentials.credentials.strip():
-        raise Unauthorized(
-            "Missing API key: send `Authorization: Bearer <key>` (create one with `dpft keys create`)."
-        )
+        raise Unauthorized("Missing API key: send `Authorization: Bearer <key>` (create one with `dpft keys create`).")
     row = session.execute(
         select(Tenant, ApiKey.revoked_at)
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)

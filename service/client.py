@@ -31,9 +31,7 @@ class APIError(Exception):
 
 
 class Client:
-    def __init__(
-        self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0
-    ) -> None:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> None:
         settings = get_settings()
         key = api_key or settings.api_key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -60,15 +58,16 @@ class Client:
             error = response.json()["error"]
         except Exception:
             error = {"code": "error", "message": response.text}
-        raise APIError(
-            response.status_code, error.get("code", "error"), error.get("message", ""), error.get("param")
-        )
+        raise APIError(response.status_code, error.get("code", "error"), error.get("message", ""), error.get("param"))
 
     def upload_dataset(self, path: str | Path, **fields: Any) -> dict[str, Any]:
         path = Path(path)
         data = {k: str(v) for k, v in fields.items() if v is not None}
         with path.open("rb") as handle:
             return self._request("POST", "/v1/datasets", files={"file": (path.name, handle)}, data=data)
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/datasets")["data"]
 
     def get_dataset(self, dataset_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/datasets/{dataset_id}")
@@ -81,9 +80,7 @@ class Client:
         return self._request("GET", f"/v1/jobs/{job_id}")
 
     def metrics(self, job_id: str, since_step: int = 0, limit: int = 1000) -> dict[str, Any]:
-        return self._request(
-            "GET", f"/v1/jobs/{job_id}/metrics", params={"since_step": since_step, "limit": limit}
-        )
+        return self._request("GET", f"/v1/jobs/{job_id}/metrics", params={"since_step": since_step, "limit": limit})
 
     def all_metrics(self, job_id: str) -> list[dict[str, Any]]:
         points: list[dict[str, Any]] = []
@@ -114,16 +111,12 @@ class Client:
         return self._request("GET", "/v1/jobs", params={k: v for k, v in filters.items() if v is not None})
 
     def plan(self, **spec: Any) -> dict[str, Any]:
-        return self._request(
-            "POST", "/v1/privacy/plan", json={k: v for k, v in spec.items() if v is not None}
-        )
+        return self._request("POST", "/v1/privacy/plan", json={k: v for k, v in spec.items() if v is not None})
 
     def models(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/models")["data"]
 
-    def follow(
-        self, job_id: str, interval: float = 0.5, timeout: float | None = None
-    ) -> Iterator[dict[str, Any]]:
+    def follow(self, job_id: str, interval: float = 0.5, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Yield the job each time it is polled, until it reaches a terminal state."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
