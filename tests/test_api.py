@@ -301,3 +301,16 @@ def test_metrics_answer_304_when_nothing_is_new(api, tenant_key: str, dataset: d
     )
     assert again.status_code == 304 and again.content == b""
     assert "not covered" in first.json()["note"]
+
+
+def test_concurrent_job_creations_cannot_together_overspend_a_budget(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+    from concurrent.futures import ThreadPoolExecutor
+
+    ds = upload(api, tenant_key, epsilon_budget=10).json()
+    body = job_body(ds["id"], target_epsilon=4.0)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        responses = list(pool.map(lambda _: api.post("/v1/jobs", headers=auth(tenant_key), json=body), range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [201, 201, 409, 409, 409, 409], [r.text for r in responses]
+    spent = api.get(f"/v1/datasets/{ds['id']}", headers=auth(tenant_key)).json()["epsilon_spent"]
+    assert spent <= 10
