@@ -91,12 +91,13 @@
 
   const getKey = () => sessionStorage.getItem(KEY);
 
-  async function api(path, { method = "GET", key = getKey() } = {}) {
+  /** cache "no-cache" revalidates with If-None-Match: the API answers an unchanged poll with an empty 304. */
+  async function api(path, { method = "GET", key = getKey(), cache = "no-store" } = {}) {
     let response;
     try {
       response = await fetch(path, {
         method,
-        cache: "no-store",
+        cache,
         headers: { Authorization: `Bearer ${key || ""}`, Accept: "application/json" },
       });
     } catch (err) {
@@ -629,7 +630,9 @@
 
     async function fetchMetrics() {
       for (let guard = 0; guard < 200; guard += 1) {
-        const page = await api(`/v1/jobs/${encodeURIComponent(jobId)}/metrics?since_step=${since}&limit=10000`);
+        const page = await api(`/v1/jobs/${encodeURIComponent(jobId)}/metrics?since_step=${since}&limit=10000`, {
+          cache: "no-cache",
+        });
         for (const p of page.data) {
           m.steps.push(p.step); m.eps.push(p.epsilon);
           if (p.loss !== null && Number.isFinite(p.loss)) { m.lossSteps.push(p.step); m.loss.push(p.loss); }
