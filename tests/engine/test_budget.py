@@ -105,3 +105,16 @@ def test_explicit_max_steps_other_than_the_plan_is_refused(tmp_path: Path, lm_re
         _make_args_private(TrainingArguments(output_dir=str(tmp_path), max_steps=5), privacy)
     with pytest.raises(EngineError, match="gradient_accumulation_steps"):
         _make_args_private(TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2), privacy)
+
+
+@pytest.mark.parametrize(("accountant", "published"), [("rdp", 7.329), ("prv", 6.777)])
+def test_the_engine_accountant_matches_published_values(accountant: str, published: float) -> None:
+    """Opacus' accountant tests: noise 1.5, q 0.04, 2250 steps, delta 1e-5."""
+    from worker.engine.accounting import epsilon_fn_for
+
+    privacy = PrivacyArguments(
+        noise_multiplier=1.5, sampling_probability=0.04, steps=2250, delta=1e-5, accountant=accountant
+    )
+    epsilon = epsilon_fn_for(privacy)(2250)
+    assert epsilon == pytest.approx(published, abs=0.06 if accountant == "prv" else 0.005)
+    assert epsilon >= published - 0.01  # an upper bound never reports less than the reference

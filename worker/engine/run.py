@@ -97,9 +97,10 @@ def train(
     stop_reason = trainer.stop_reason or ("completed" if steps >= privacy.steps else "cancelled")
     adapter_dir = output_dir / ("adapter" if config.lora is not None else "model")
     # The plain model (never the Opacus wrapper): a LoRA job writes the PEFT adapter alone.
-    trainer.model.save_pretrained(str(adapter_dir))
-    if config.lora is None:
-        tokenizer.save_pretrained(str(adapter_dir))
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(str(adapter_dir))
+        if config.lora is None:
+            tokenizer.save_pretrained(str(adapter_dir))
     final_loss = trainer.step_reports[-1].loss if trainer.step_reports else float("nan")
     outcome = TrainingOutcome(
         steps=steps,

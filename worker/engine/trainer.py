@@ -22,6 +22,7 @@ PRIVACY.md invariants):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -83,22 +84,25 @@ class NoisySteps:
         self.random = random
         self.noisy_steps = 0
         self.last_learning_rate = float("nan")
+        #: Data parallel: every process clips its own share; one process adds the noise, and the
+        #: noisy sum is all-reduced, so each logical step carries exactly one noise draw.
+        self.distributed = False
+        self.adds_noise = True
 
     def add_noise(self) -> None:
         # For per-layer clipping ``max_grad_norm`` is the norm of the per-layer bounds: the
         # sensitivity of the summed gradient, as in Opacus.
         std = self.noise_multiplier * self.max_grad_norm  # type: ignore[attr-defined]
         params = self.params  # type: ignore[attr-defined]
-        if std > 0:
+        sizes = [p.summed_grad.numel() for p in params]
+        flat = torch.cat([p.summed_grad.reshape(-1) for p in params])
+        if std > 0 and self.adds_noise:
             # One draw for all parameters: the secure source pays per call, not per value.
-            sizes = [p.summed_grad.numel() for p in params]
-            reference = params[0].summed_grad
-            flat = self.random.normal(torch.Size([sum(sizes)]), std, reference.dtype, reference.device)
-            noises = flat.split(sizes)
-        for index, p in enumerate(params):
-            summed = p.summed_grad
-            noisy = summed + noises[index].view_as(summed).to(summed.device, summed.dtype) if std > 0 else summed
-            p.grad = noisy.view_as(p)
+            flat = flat + self.random.normal(flat.shape, std, flat.dtype, flat.device)
+        if self.distributed:
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        for p, noisy in zip(params, flat.split(sizes), strict=True):
+            p.grad = noisy.view_as(p).to(p.dtype)
         self.noisy_steps += 1
         self.last_learning_rate = float(self.param_groups[0]["lr"])  # type: ignore[attr-defined]
 
@@ -170,9 +174,15 @@ class PrivacyCallback(TrainerCallback):
             timestamp=time.time(),
         )
         trainer.step_reports.append(report)
-        if trainer.on_step is not None:
+        if trainer.on_step is not None and trainer.rank == 0:
             trainer.on_step(report)
-        if trainer.should_stop is not None and trainer.should_stop():
+        cancel = trainer.rank == 0 and trainer.should_stop is not None and trainer.should_stop()
+        if trainer.world_size > 1:
+            # Every process must stop at the same step, or the others wait forever.
+            flag = torch.tensor([1 if cancel else 0])
+            torch.distributed.broadcast(flag, src=0)
+            cancel = bool(flag.item())
+        if cancel:
             trainer.stop_reason = "cancelled"
             control.should_training_stop = True
             return control
@@ -216,8 +226,9 @@ class DPTrainerMixin:
         if units is None:
             units = [[index] for index in range(len(self.train_dataset))]
         self.units = units
+        self.rank, self.world_size = self.args.process_index, self.args.world_size
         seed = self.args.seed
-        self.sampler_random = make_random_source(secure_mode=privacy_args.secure_mode, seed=seed)
+        self.sampler_random = make_random_source(secure_mode=privacy_args.secure_mode, seed=seed + 1000 * self.rank)
         self.noise_random = make_random_source(secure_mode=privacy_args.secure_mode, seed=seed + 1)
         if not privacy_args.secure_mode:
             logger.warning("secure_mode is off: sampling and noise are seeded; this run is NOT private")
@@ -290,16 +301,17 @@ class DPTrainerMixin:
             "sampler_random": self.sampler_random.state_dict(),
             "noise_random": self.noise_random.state_dict(),
         }
-        temporary = checkpoint / (DP_STATE_FILE + ".tmp")
+        name = _dp_state_name(self.rank)
+        temporary = checkpoint / (name + ".tmp")
         torch.save(state, temporary)
-        os.replace(temporary, checkpoint / DP_STATE_FILE)
+        os.replace(temporary, checkpoint / name)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """``Trainer.train``; resuming also restores the noisy-step count and the sampler state."""
         if isinstance(resume_from_checkpoint, bool):
             raise EngineError("pass the checkpoint directory to resume from (see latest_checkpoint)")
         if resume_from_checkpoint is not None:
-            self._resume_state = _load_dp_state(Path(resume_from_checkpoint), self.privacy_args)
+            self._resume_state = _load_dp_state(Path(resume_from_checkpoint), self.privacy_args, self.rank)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _restore_dp_state(self, global_step: int) -> None:
@@ -318,7 +330,10 @@ class DPTrainerMixin:
 
     # ---- Trainer hooks ----------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
-        sampler = PoissonBatchSampler(self.units, self.privacy_args.sampling_probability, self.sampler_random)
+        # Data parallel: each process samples its own share of the units with the same q; the
+        # union over processes is one Poisson sample of all units.
+        units = self.units[self.rank :: self.world_size]
+        sampler = PoissonBatchSampler(units, self.privacy_args.sampling_probability, self.sampler_random)
         self.poisson_sampler = sampler
         return DataLoader(
             self.train_dataset,
@@ -369,6 +384,8 @@ class DPTrainerMixin:
             self.optimizer = NoisyPerLayerOptimizer(self.optimizer, max_grad_norm=bounds, **common)
         else:
             self.optimizer = NoisyOptimizer(self.optimizer, max_grad_norm=privacy.max_grad_norm, **common)
+        self.optimizer.distributed = self.world_size > 1
+        self.optimizer.adds_noise = self.rank == 0
         return self.optimizer
 
     def per_example_losses(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -419,14 +436,18 @@ class DPTrainerMixin:
             for start in range(0, batch_size, micro)
         ]
         total = 0.0
+        # DDP must not average the raw (unclipped) gradients: the DP optimizer all-reduces the
+        # clipped, noised sum itself.
+        no_sync = getattr(model, "no_sync", None) if self.world_size > 1 else None
         for index, chunk in enumerate(chunks):
-            with self.compute_loss_context_manager():
-                losses = self.per_example_losses(model, chunk)
-            if ghost:
-                self._ghost_clipped_backward(losses, optimizer)
-            else:
-                self.accelerator.backward(losses.sum())
-                _check_every_parameter_has(optimizer, "grad_sample")
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
+                with self.compute_loss_context_manager():
+                    losses = self.per_example_losses(model, chunk)
+                if ghost:
+                    self._ghost_clipped_backward(losses, optimizer)
+                else:
+                    self.accelerator.backward(losses.sum())
+                    _check_every_parameter_has(optimizer, "grad_sample")
             total += float(losses.detach().sum())
             if index < len(chunks) - 1:
                 # Breakage 5: bank this micro-batch's clipped sum before the next backward.
@@ -574,9 +595,14 @@ def latest_checkpoint(path: Path) -> Path | None:
     return max(complete, key=lambda c: int(c.name.split("-")[-1]), default=None)
 
 
-def _load_dp_state(checkpoint: Path, privacy_args: PrivacyArguments) -> dict[str, Any]:
+def _dp_state_name(rank: int) -> str:
+    """Process 0 writes ``dp_state.pt``; other data-parallel processes their own sampler state."""
+    return DP_STATE_FILE if rank == 0 else f"dp_state.rank{rank}.pt"
+
+
+def _load_dp_state(checkpoint: Path, privacy_args: PrivacyArguments, rank: int = 0) -> dict[str, Any]:
     """The checkpoint's DP state, refused if it was written for a different mechanism."""
-    file = checkpoint / DP_STATE_FILE
+    file = checkpoint / _dp_state_name(rank)
     if not file.is_file():
         raise EngineError(f"{checkpoint} is not a complete DP checkpoint (no {DP_STATE_FILE})")
     state = torch.load(file, weights_only=False)
