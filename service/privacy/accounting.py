@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 
 from . import prv as _prv
-from .rdp import DEFAULT_ORDERS, compute_rdp, eps_from_rdp, rdp_epsilon
+from .rdp import EXTENDED_ORDERS, compute_rdp, eps_from_rdp, rdp_epsilon
 
 AccountantName = Literal["prv", "rdp"]
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
@@ -31,11 +31,11 @@ PRV_MIN_EPS_ERROR = 1e-4
 # delta_error as a fraction of delta (prv-accountant's find_noise_multiplier and Opacus use 1/1000).
 PRV_RELATIVE_DELTA_ERROR = 1e-3
 
-_INT_ORDERS = DEFAULT_ORDERS[np.equal(np.mod(DEFAULT_ORDERS, 1), 0)]
+_INT_ORDERS = EXTENDED_ORDERS[np.equal(np.mod(EXTENDED_ORDERS, 1), 0)]
 
 
 def reference_epsilon(noise_multiplier: float, sampling_probability: float, steps: int, delta: float) -> float:
-    """RDP epsilon over the integer orders 2..63 only (cheap, deterministic, an upper bound)."""
+    """RDP epsilon over the integer orders only (cheap, deterministic, an upper bound)."""
     rdp = compute_rdp(q=sampling_probability, noise_multiplier=noise_multiplier, steps=steps, orders=_INT_ORDERS)
     eps = eps_from_rdp(rdp, delta, _INT_ORDERS)
     eps = eps[np.isfinite(eps)]
@@ -129,7 +129,7 @@ class EpsilonTracker:
                                           self.delta)
         else:
             self._rdp_per_step = compute_rdp(q=self.sampling_probability, noise_multiplier=self.noise_multiplier,
-                                             steps=1)
+                                             steps=1, orders=EXTENDED_ORDERS)
 
     @classmethod
     def for_plan(cls, plan) -> EpsilonTracker:
@@ -145,7 +145,7 @@ class EpsilonTracker:
     def _fill(self, start: int, end: int) -> None:
         steps = np.arange(start, end + 1)
         if self.accountant == "rdp":
-            eps = eps_from_rdp(steps[:, None] * self._rdp_per_step[None, :], self.delta)
+            eps = eps_from_rdp(steps[:, None] * self._rdp_per_step[None, :], self.delta, EXTENDED_ORDERS)
             eps = np.where(np.isnan(eps), np.inf, eps).min(axis=1)
             vals = np.maximum(eps, 0.0)
         else:

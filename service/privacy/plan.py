@@ -24,7 +24,7 @@ MAX_STEPS = 10_000_000
 # hardly amplifies privacy and the PRV/RDP computations become ill-conditioned.
 MAX_SAMPLING_PROBABILITY = 0.5
 # Number of points of the planned epsilon curve (at most; fewer for short runs).
-CURVE_POINTS = 50
+CURVE_POINTS = 20
 
 
 class InfeasiblePrivacySpec(ValueError):
@@ -117,6 +117,8 @@ def _steps_for_epochs(epochs: float, num_units: int, batch_size: int) -> int:
 
 
 def _curve_steps(steps: int, points: int = CURVE_POINTS) -> list[int]:
+    if points <= 1:
+        return [steps]
     if steps <= points:
         return list(range(1, steps + 1))
     xs = np.unique(np.round(np.linspace(1, steps, points)).astype(int))
@@ -128,7 +130,8 @@ def _curve_steps(steps: int, points: int = CURVE_POINTS) -> list[int]:
 
 def plan_privacy(*, num_units: int, batch_size: int, epochs: float | None = None, max_steps: int | None = None,
                  target_epsilon: float | None = None, noise_multiplier: float | None = None,
-                 target_delta: float | None = None, accountant: str = "prv") -> PrivacyPlan:
+                 target_delta: float | None = None, accountant: str = "prv",
+                 curve_points: int = CURVE_POINTS) -> PrivacyPlan:
     """Validate a DP-SGD privacy spec and solve it.
 
     * ``sampling_probability = batch_size / num_units`` (``batch_size`` is the expected Poisson
@@ -138,7 +141,10 @@ def plan_privacy(*, num_units: int, batch_size: int, epochs: float | None = None
       after ``steps`` is at most the target -- never above it; noise multipliers below
       ``SIGMA_MIN`` are not planned (if even ``SIGMA_MIN`` meets the target it is returned, with
       its epsilon below the target); a target that needs more than ``SIGMA_MAX`` is refused;
-    * with ``noise_multiplier``: the epsilon it gives.
+    * with ``noise_multiplier``: the epsilon it gives;
+    * ``curve`` holds the planned epsilon at up to ``curve_points`` step counts (evenly spaced,
+      ending at ``steps``); each costs one accountant evaluation, so callers that only need the
+      noise multiplier may pass a small number (the last point is always there).
 
     PRV is the default accountant; when PRV cannot be computed for the spec (grid too large,
     floating point precision exhausted at tiny delta, ...) the plan falls back to RDP -- looser,
@@ -200,7 +206,8 @@ def plan_privacy(*, num_units: int, batch_size: int, epochs: float | None = None
 
     if noise_multiplier is not None:
         sigma = _require_positive(noise_multiplier, "noise_multiplier")
-        return _plan_for_sigma(sigma, q, steps, delta, accountant, None, num_units, batch_size)
+        return _plan_for_sigma(sigma, q, steps, delta, accountant, None, num_units, batch_size,
+                               curve_points=curve_points)
 
     target = _require_positive(target_epsilon, "target_epsilon")
     used, fell_back, reason = accountant, False, None
@@ -221,12 +228,12 @@ def plan_privacy(*, num_units: int, batch_size: int, epochs: float | None = None
             f"{eps_at_max:.3g}); raise target_epsilon, train fewer steps, or use a smaller batch or more units",
             "target_epsilon")
     return _plan_for_sigma(sigma, q, steps, delta, used, target, num_units, batch_size, requested=accountant,
-                           fell_back=fell_back, reason=reason)
+                           fell_back=fell_back, reason=reason, curve_points=curve_points)
 
 
 def _plan_for_sigma(sigma: float, q: float, steps: int, delta: float, accountant: str, target: float | None,
                     num_units: int, batch_size: int, requested: str | None = None, fell_back: bool = False,
-                    reason: str | None = None) -> PrivacyPlan:
+                    reason: str | None = None, curve_points: int = CURVE_POINTS) -> PrivacyPlan:
     requested = requested or accountant
     used = accountant
     tracker = None
@@ -242,7 +249,7 @@ def _plan_for_sigma(sigma: float, q: float, steps: int, delta: float, accountant
         eps = tracker.epsilon(steps)
     if target is not None and eps > target:  # pragma: no cover - the solver guarantees this
         raise AssertionError(f"solver returned sigma={sigma} with epsilon {eps} above the target {target}")
-    curve_steps = _curve_steps(steps)
+    curve_steps = _curve_steps(steps, max(int(curve_points), 1))
     curve = list(zip(curve_steps, tracker.bounds_at(curve_steps), strict=True))
     curve[-1] = (steps, float(eps))
     return PrivacyPlan(noise_multiplier=float(sigma), sampling_probability=float(q), steps=int(steps),

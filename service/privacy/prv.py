@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import fft as sfft
@@ -38,6 +39,13 @@ MAX_GRID = 1 << 23
 
 class PRVUnavailable(RuntimeError):
     """The PRV accountant cannot produce a bound for these parameters (caller should fall back)."""
+
+
+@lru_cache(maxsize=64)
+def _per_step_rdp(q: float, sigma: float) -> np.ndarray:
+    out = compute_rdp(q=q, noise_multiplier=sigma, steps=1)
+    out.setflags(write=False)
+    return out
 
 
 def _rdp_eps_min(per_step_rdp: np.ndarray, steps: float, delta: float) -> float:
@@ -215,7 +223,7 @@ class PRVComposer:
         self.max_steps = int(max_steps)
         self.eps_error = float(eps_error)
         self.delta_error = float(delta_error)
-        per_step = compute_rdp(q=self.q, noise_multiplier=self.sigma, steps=1)
+        per_step = _per_step_rdp(self.q, self.sigma)
         n, mesh, L = grid_size(per_step, self.max_steps, self.eps_error, self.delta_error)
         if n > MAX_GRID:
             raise PRVUnavailable(f"PRV grid of {n} points exceeds the limit {MAX_GRID}")

@@ -17,6 +17,7 @@ Everything is vectorised over the orders. Safety notes:
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from scipy import special
@@ -24,7 +25,10 @@ from scipy import special
 # The orders Opacus uses by default (``RDPAccountant.DEFAULT_ALPHAS``) and prv-accountant too.
 DEFAULT_ORDERS: np.ndarray = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)), dtype=float)
 
-_LOG_HALF = math.log(0.5)
+# Orders used by dpft's RDP accountant: Opacus' defaults plus larger integer orders, which the
+# conversion needs for small epsilon at small delta (a minimum over more orders is still a bound).
+EXTENDED_ORDERS: np.ndarray = np.concatenate(
+    [DEFAULT_ORDERS, np.array([64, 72, 80, 96, 112, 128, 160, 192, 256, 320, 384, 512, 768, 1024], dtype=float)])
 
 
 def _signed_logsumexp(log_terms: np.ndarray, signs: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -36,20 +40,27 @@ def _signed_logsumexp(log_terms: np.ndarray, signs: np.ndarray, axis: int = -1) 
         return np.log(s) + np.squeeze(m, axis=axis)
 
 
+@lru_cache(maxsize=8)
+def _log_binom_table(alphas: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    a = np.asarray(alphas, dtype=float)[:, None]
+    i = np.arange(int(a.max()) + 1, dtype=float)[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_binom = special.gammaln(a + 1) - special.gammaln(i + 1) - special.gammaln(a - i + 1)
+    log_binom = np.where(i <= a, log_binom, -np.inf)
+    return log_binom, i, a
+
+
 def _log_a_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     """log A_alpha for integer alphas (exact binomial expansion)."""
     alphas = np.asarray(alphas, dtype=float)
     if alphas.size == 0:
         return np.zeros(0)
-    amax = int(alphas.max())
-    i = np.arange(amax + 1, dtype=float)[None, :]
-    a = alphas[:, None]
-    valid = i <= a
-    with np.errstate(invalid="ignore", divide="ignore"):
-        log_binom = special.gammaln(a + 1) - special.gammaln(i + 1) - special.gammaln(a - i + 1)
-        terms = log_binom + i * math.log(q) + (a - i) * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
-    terms = np.where(valid, terms, -np.inf)
-    return special.logsumexp(terms, axis=1)
+    log_binom, i, a = _log_binom_table(tuple(alphas.tolist()))
+    with np.errstate(invalid="ignore"):
+        terms = log_binom + (i * (math.log(q) - math.log1p(-q)) + (i * i - i) / (2 * sigma**2)) \
+            + a * math.log1p(-q)
+    m = terms.max(axis=1, keepdims=True)  # finite: the i = 0 term always is
+    return np.log(np.exp(terms - m).sum(axis=1)) + m[:, 0]
 
 
 def _log_a_frac(q: float, sigma: float, alphas: np.ndarray, n_terms: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,18 +148,21 @@ def get_privacy_spent(*, orders: np.ndarray | None = None, rdp: np.ndarray, delt
     return float(eps[idx]), float(orders[idx])
 
 
-def rdp_epsilon(*, noise_multiplier: float, sampling_probability: float, steps: int, delta: float) -> float:
-    """Epsilon after ``steps`` steps by the RDP accountant (an upper bound)."""
-    rdp = compute_rdp(q=sampling_probability, noise_multiplier=noise_multiplier, steps=steps)
-    eps, _ = get_privacy_spent(rdp=rdp, delta=delta)
+def rdp_epsilon(*, noise_multiplier: float, sampling_probability: float, steps: int, delta: float,
+                orders: np.ndarray | None = None) -> float:
+    """Epsilon after ``steps`` steps by the RDP accountant (an upper bound), over ``EXTENDED_ORDERS``."""
+    orders = EXTENDED_ORDERS if orders is None else np.asarray(orders, dtype=float)
+    rdp = compute_rdp(q=sampling_probability, noise_multiplier=noise_multiplier, steps=steps, orders=orders)
+    eps, _ = get_privacy_spent(rdp=rdp, delta=delta, orders=orders)
     return max(eps, 0.0)
 
 
 def rdp_epsilon_curve(*, noise_multiplier: float, sampling_probability: float, steps: np.ndarray,
                       delta: float) -> np.ndarray:
     """RDP epsilon at many step counts at once (vectorised over steps and orders)."""
-    per_step = compute_rdp(q=sampling_probability, noise_multiplier=noise_multiplier, steps=1)
+    per_step = compute_rdp(q=sampling_probability, noise_multiplier=noise_multiplier, steps=1,
+                           orders=EXTENDED_ORDERS)
     steps = np.asarray(steps, dtype=float)
-    eps = eps_from_rdp(steps[:, None] * per_step[None, :], delta)
+    eps = eps_from_rdp(steps[:, None] * per_step[None, :], delta, EXTENDED_ORDERS)
     eps = np.where(np.isnan(eps), np.inf, eps)
     return np.maximum(eps.min(axis=1), 0.0)

@@ -12,9 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
+
 from . import prv as _prv
 from .accounting import compute_epsilon, prv_composer, prv_errors
-from .rdp import rdp_epsilon
+from .rdp import EXTENDED_ORDERS, rdp_epsilon
+
+_INT_ORDERS = EXTENDED_ORDERS[np.equal(np.mod(EXTENDED_ORDERS, 1), 0)]
 
 SIGMA_MIN = 0.3
 SIGMA_MAX = 100.0
@@ -88,9 +92,10 @@ def _bracket_and_search(f: Callable[[float], float], guess_lo: float, guess_hi: 
     return _search(f, lo, f_lo, hi, f_hi)
 
 
-def solve_rdp(target: float, q: float, steps: int, delta: float) -> float | None:
+def solve_rdp(target: float, q: float, steps: int, delta: float, orders=None) -> float | None:
+    """Smallest sigma (to RTOL) whose RDP epsilon is <= target (over ``orders``, default all)."""
     def f(sigma: float) -> float:
-        eps = rdp_epsilon(noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta)
+        eps = rdp_epsilon(noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta, orders=orders)
         return math.log(max(eps, 1e-300) / target)
 
     # Gaussian-mechanism-like first guess: eps ~ q sqrt(T log(1/delta)) / sigma
@@ -98,22 +103,102 @@ def solve_rdp(target: float, q: float, steps: int, delta: float) -> float | None
     return _bracket_and_search(f, guess / 1.5, guess)
 
 
-def solve_prv(target: float, q: float, steps: int, delta: float) -> float:
-    """Smallest sigma (to RTOL) with PRV upper bound <= target; None if it exceeds SIGMA_MAX.
+# The coarse model runs the PRV accountant on a grid COARSE times coarser than the final one.
+COARSE = 8
+# A fine evaluation within this fraction below the target is accepted (sigma is then within about
+# that fraction of the threshold, since |d log eps / d log sigma| >= ~1).
+EPS_SLACK = 0.003
+_AIM = 1 - EPS_SLACK / 2
 
-    Raises PRVUnavailable when the PRV accountant cannot evaluate some needed point.
+
+def _fine(sigma: float, q: float, steps: int, delta: float) -> float:
+    return compute_epsilon(noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta,
+                           accountant="prv")
+
+
+def _coarse(sigma: float, q: float, steps: int, delta: float) -> float:
+    """A cheap prediction of the fine upper bound: the same search for delta minus the fine
+    delta_error on a COARSE-times coarser grid, plus the fine eps_error."""
+    eps_error, delta_error = prv_errors(sigma, q, steps, delta)
+    comp = _prv.PRVComposer(noise_multiplier=sigma, sampling_probability=q, max_steps=steps,
+                            eps_error=COARSE * eps_error, delta_error=delta_error)
+    ts, p = comp.composed(steps)
+    return max(_prv.epsilon_from_pmf(ts, p, delta, comp.delta_allowance(steps, p), eps_error)[2], 1e-12)
+
+
+def solve_prv(target: float, q: float, steps: int, delta: float) -> float | None:
+    """Smallest sigma (to about EPS_SLACK) with PRV upper bound <= target; None beyond SIGMA_MAX.
+
+    1. RDP (cheap, looser) gives sigma_rdp; the tight sigma is typically 0.90-0.95 of it.
+    2. Secant steps in log-log on the coarse model find sigma_c where the predicted fine bound is
+       target * (1 - EPS_SLACK/2).
+    3. The fine (final) accountant is evaluated at sigma_c and, if needed, a few secant/bisection
+       steps follow, until a sigma with target*(1-EPS_SLACK) <= eps <= target is found or the
+       bracket is narrower than RTOL. Only fine evaluations decide: the answer is always a sigma
+       whose fine upper bound was computed and is <= target.
+
+    Raises PRVUnavailable when the PRV accountant cannot evaluate a needed point.
     """
-    sigma_rdp = solve_rdp(target, q, steps, delta)
+    # integer orders only: a starting point, not an answer (cheaper than the fractional series)
+    sigma_rdp = solve_rdp(target, q, steps, delta, orders=_INT_ORDERS)
     if sigma_rdp is None:
-        # RDP is looser than PRV: still try the PRV accountant at the limit
         sigma_rdp = SIGMA_MAX
+    log_t = math.log(target * _AIM)
 
-    def f(sigma: float) -> float:
-        eps = compute_epsilon(noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta,
-                              accountant="prv")
-        return math.log(max(eps, 1e-300) / target)
+    # -- 2. coarse secant
+    pts: list[tuple[float, float]] = []  # (log sigma, log eps)
+    slope = -1.2
+    x = math.log(min(max(0.93 * sigma_rdp, SIGMA_MIN), SIGMA_MAX))
+    try:
+        for _ in range(5):
+            y = math.log(_coarse(math.exp(x), q, steps, delta))
+            pts.append((x, y))
+            if len(pts) >= 2:
+                (x0, y0), (x1, y1) = pts[-2], pts[-1]
+                if x1 != x0 and y1 != y0 and (y1 - y0) / (x1 - x0) < 0:
+                    slope = max(min((y1 - y0) / (x1 - x0), -0.3), -8.0)
+            if abs(y - log_t) < 2e-4:
+                break
+            x_new = x + (log_t - y) / slope
+            x_new = min(max(x_new, math.log(SIGMA_MIN)), math.log(SIGMA_MAX))
+            if x_new == x:
+                break
+            x = x_new
+    except _prv.PRVUnavailable:
+        pass
 
-    return _bracket_and_search(f, sigma_rdp * 0.9, sigma_rdp)
+    # -- 3. fine evaluations
+    ok: tuple[float, float] | None = None  # (sigma, eps) smallest sigma meeting the target
+    fail: tuple[float, float] | None = None  # (sigma, eps) largest sigma missing it
+    sigma = math.exp(x)
+    for _ in range(12):
+        eps = _fine(sigma, q, steps, delta)
+        if eps <= target:
+            if ok is None or sigma < ok[0]:
+                ok = (sigma, eps)
+            if eps >= target * (1 - EPS_SLACK) or sigma <= SIGMA_MIN:
+                return sigma
+        else:
+            if fail is None or sigma > fail[0]:
+                fail = (sigma, eps)
+            if sigma >= SIGMA_MAX:
+                return None
+        if ok and fail and ok[0] / fail[0] <= 1 + RTOL:
+            return ok[0]
+        # next point: secant through the bracket ends when both exist, else the local slope
+        if ok and fail:
+            (xa, ya), (xb, yb) = (math.log(fail[0]), math.log(fail[1])), (math.log(ok[0]), math.log(ok[1]))
+            xn = xa + (log_t - ya) * (xb - xa) / (yb - ya) if yb != ya else 0.5 * (xa + xb)
+            lo_x, hi_x = xa + 0.1 * (xb - xa), xb - 0.1 * (xb - xa)
+            xn = min(max(xn, lo_x), hi_x)
+        else:
+            xn = math.log(sigma) + (log_t - math.log(eps)) / slope
+            # never step by more than a factor 1.5 at a time
+            xn = min(max(xn, math.log(sigma) - 0.4), math.log(sigma) + 0.4)
+        sigma = min(max(math.exp(xn), SIGMA_MIN), SIGMA_MAX)
+    # did not settle: plain bracketed search on the fine accountant
+    return _bracket_and_search(lambda s: math.log(max(_fine(s, q, steps, delta), 1e-300) / target),
+                               ok[0] / 1.05 if ok else sigma_rdp * 0.9, ok[0] if ok else sigma_rdp)
 
 
 __all__ = ["SIGMA_MIN", "SIGMA_MAX", "solve_rdp", "solve_prv", "prv_composer", "prv_errors", "_prv"]

@@ -31,8 +31,19 @@ def test_rdp_matches_opacus_per_order(q, sigma):
 def test_rdp_epsilon_matches_opacus(q, sigma, steps, delta):
     ref_rdp = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(DEFAULT_ORDERS))
     ref_eps, _ = opacus_rdp.get_privacy_spent(orders=list(DEFAULT_ORDERS), rdp=ref_rdp, delta=delta)
-    ours = rdp_epsilon(noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta)
+    ours = rdp_epsilon(noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta,
+                       orders=DEFAULT_ORDERS)
     assert ours == pytest.approx(ref_eps, rel=1e-4)
+    # dpft's RDP accountant also tries larger orders: never looser
+    assert rdp_epsilon(noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta) <= ours
+
+
+def test_extended_orders_reach_small_epsilon():
+    # with orders only up to 63, epsilon cannot go below log(1/delta)/62 whatever the noise
+    default = rdp_epsilon(noise_multiplier=50.0, sampling_probability=0.01, steps=300, delta=1e-7,
+                          orders=DEFAULT_ORDERS)
+    extended = rdp_epsilon(noise_multiplier=50.0, sampling_probability=0.01, steps=300, delta=1e-7)
+    assert default > 0.17 > 0.1 > extended
 
 
 def test_rdp_published_opacus_value():
