@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from service.artifacts import get_artifact_store
 from service.auth import CurrentTenant, DbSession
+from service.db import session_scope
 from service.errors import NotFound
 from service.jobs import cancel_job, create_job, get_job, job_out, list_jobs, require_job
-from service.models import JobEvent, JobMetric, JobStatus
+from service.models import Job, JobEvent, JobMetric, JobStatus
 from service.queue import enqueue_training
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, ListResponse, MetricPoint, MetricsPage
 
@@ -73,6 +77,12 @@ def cancel(job_id: str, session: DbSession, tenant: CurrentTenant) -> JobOut:
     return job_out(job)
 
 
+def event_out(event: JobEvent) -> EventOut:
+    return EventOut(
+        id=event.id, type=event.type, message=event.message, data=event.data or {}, created_at=event.created_at
+    )
+
+
 @router.get("/{job_id}/events", response_model=ListResponse[EventOut], summary="The job's event log")
 def events(
     job_id: str,
@@ -85,10 +95,7 @@ def events(
     rows = session.scalars(
         select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit + 1)
     ).all()
-    data = [
-        EventOut(id=e.id, type=e.type, message=e.message, data=e.data or {}, created_at=e.created_at)
-        for e in rows[:limit]
-    ]
+    data = [event_out(e) for e in rows[:limit]]
     return ListResponse[EventOut](data=data, has_more=len(rows) > limit)
 
 
@@ -166,3 +173,82 @@ def metrics(
         has_more=len(rows) > limit,
         next_since_step=last_step,
     )
+
+
+STREAM_POLL_S = 1.0
+STREAM_KEEPALIVE_S = 15.0
+
+
+def parse_last_event_id(value: str | None) -> tuple[int, int]:
+    """Stream cursors are `<last metric step>-<last event id>`; anything else starts from the beginning."""
+    try:
+        step, event = (value or "").split("-")
+        return max(int(step), 0), max(int(event), 0)
+    except ValueError:
+        return 0, 0
+
+
+def stream_batch(job_id: str, since_step: int, after_event: int) -> tuple[list[str], int, int, bool]:
+    """New metrics and events as SSE messages, the advanced cursors, and whether the job has ended."""
+    messages = []
+    with session_scope() as session:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        events = session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_event).order_by(JobEvent.id)
+        ).all()
+        points = session.scalars(
+            select(JobMetric)
+            .where(JobMetric.job_id == job_id, JobMetric.step > since_step)
+            .order_by(JobMetric.step)
+            .limit(5000)
+        ).all()
+    for point in points:
+        since_step = point.step
+        data = MetricPoint.model_validate(point, from_attributes=True).model_dump_json()
+        messages.append(f"id: {since_step}-{after_event}\nevent: metric\ndata: {data}\n\n")
+    for event in events:
+        after_event = event.id
+        data = event_out(event).model_dump_json()
+        messages.append(f"id: {since_step}-{after_event}\nevent: job_event\ndata: {data}\n\n")
+    ended = JobStatus(status).is_terminal and len(points) < 5000
+    return messages, since_step, after_event, ended
+
+
+@router.get(
+    "/{job_id}/stream",
+    summary="Server-sent events: new metrics and events as they happen",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def stream(
+    job_id: str,
+    session: DbSession,
+    tenant: CurrentTenant,
+    last_event_id: Annotated[
+        str | None, Header(description="Resume after this event id (sent by EventSource on reconnect).")
+    ] = None,
+) -> StreamingResponse:
+    """`event: metric` carries a metrics point, `event: job_event` an event-log entry, and `event: end`
+    closes the stream once the job has ended and everything was sent. Message ids resume the stream."""
+    require_job(session, tenant, job_id)
+    session.close()  # the stream polls with short sessions of its own; hold no connection meanwhile
+
+    async def messages() -> AsyncIterator[str]:
+        since_step, after_event = parse_last_event_id(last_event_id)
+        idle = 0.0
+        while True:
+            batch, since_step, after_event, ended = await run_in_threadpool(
+                stream_batch, job_id, since_step, after_event
+            )
+            for message in batch:
+                yield message
+            if ended:
+                yield f"id: {since_step}-{after_event}\nevent: end\ndata: {{}}\n\n"
+                return
+            idle = 0.0 if batch else idle + STREAM_POLL_S
+            if idle >= STREAM_KEEPALIVE_S:
+                idle = 0.0
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(STREAM_POLL_S)
+
+    return StreamingResponse(messages(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -7,6 +7,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+import httpx
 import pytest
 from safetensors.numpy import load_file
 
@@ -31,6 +32,28 @@ def job_request(dataset_id: str) -> dict:
 @pytest.fixture(params=["postgres_stack", "embedded_stack"])
 def stack(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     return request.getfixturevalue(request.param)
+
+
+def read_stream(stack, job_id: str, last_event_id: str | None = None) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Read the job's server-sent events until `end` (the job has ended, so the stream closes)."""
+    headers = {"Authorization": f"Bearer {stack.key()}"}
+    if last_event_id:
+        headers["Last-Event-ID"] = last_event_id
+    messages, current = [], {}
+    with httpx.stream("GET", f"{stack.url}/v1/jobs/{job_id}/stream", headers=headers, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if not line:
+                if current:
+                    messages.append(current)
+                current = {}
+            elif line.startswith("event: "):
+                current["event"] = line[7:]
+            elif line.startswith("data: "):
+                current["data"] = json.loads(line[6:])
+            elif line.startswith("id: "):
+                current["id"] = line[4:]
+    return messages
 
 
 def test_job_trains_with_dp_and_records_epsilon_per_step(stack) -> None:  # type: ignore[no-untyped-def]
@@ -77,3 +100,12 @@ def test_job_trains_with_dp_and_records_epsilon_per_step(stack) -> None:  # type
     # PEFT initialises every lora_B to zero, so a nonzero lora_B is a LoRA weight that training changed.
     assert all(abs(w).max() > 0 for w in lora_b.values())
     assert not any(name.startswith("_module.") for name in weights), "no Opacus wrapper prefixes"
+
+    streamed = read_stream(stack, job["id"])
+    assert [int(m["data"]["step"]) for m in streamed if m["event"] == "metric"] == steps
+    assert [m["data"]["type"] for m in streamed if m["event"] == "job_event"] == events
+    assert streamed[-1]["event"] == "end"
+    second_event_id = [m["data"]["id"] for m in streamed if m["event"] == "job_event"][1]
+    resumed = read_stream(stack, job["id"], last_event_id=f"5-{second_event_id}")
+    assert [m["data"]["step"] for m in resumed if m["event"] == "metric"] == steps[5:]
+    assert [m["data"]["type"] for m in resumed if m["event"] == "job_event"] == events[2:]
