@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from service import dashboard
 from service.auth import ensure_configured_keys
@@ -14,6 +17,21 @@ from service.db import session_scope
 from service.errors import install_error_handlers
 from service.routes import datasets, jobs, privacy, system
 from service.settings import get_settings
+from service.webhooks import deliver_due
+
+WEBHOOK_POLL_S = 1.0
+logger = logging.getLogger(__name__)
+
+
+async def deliver_webhooks_forever() -> None:
+    """The webhook outbox, drained in the background of every API process."""
+    with httpx.Client(timeout=5.0, follow_redirects=False) as client:
+        while True:
+            try:
+                await run_in_threadpool(deliver_due, client)
+            except Exception:
+                logger.exception("webhook delivery round failed; retrying")
+            await asyncio.sleep(WEBHOOK_POLL_S)
 
 
 @asynccontextmanager
@@ -23,7 +41,10 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     if settings.api_keys:
         with session_scope() as session:
             ensure_configured_keys(session, settings.api_keys)
+    deliveries = asyncio.create_task(deliver_webhooks_forever()) if settings.webhook_secret else None
     yield
+    if deliveries is not None:
+        deliveries.cancel()
 
 
 def create_app() -> FastAPI:

@@ -148,6 +148,10 @@ def create_job(session: Session, tenant: Tenant, request: JobCreate, idempotency
             "(an operator can add more with DPFT_ALLOWED_MODELS).",
             param="base_model",
         )
+    if request.webhook_url is not None and not get_settings().webhook_secret:
+        raise InvalidRequest(
+            "This deployment cannot sign webhooks: its operator must set DPFT_WEBHOOK_SECRET.", param="webhook_url"
+        )
     dataset = get_dataset(session, tenant, request.dataset_id)
     if request.task != "causal_lm" and not dataset.label_field:
         raise InvalidRequest(f"Task {request.task} needs labels: upload the dataset with `label_field`.", param="task")
@@ -184,6 +188,7 @@ def create_job(session: Session, tenant: Tenant, request: JobCreate, idempotency
         idempotency_key=idempotency_key,
         request_hash=body_hash,
         job_metadata=request.metadata,
+        webhook_url=str(request.webhook_url) if request.webhook_url else None,
     )
     session.add(job)
     try:
@@ -228,6 +233,7 @@ def job_out(job: Job) -> JobOut:
         attempt=job.attempt,
         error=job.error,
         metadata=job.job_metadata or {},
+        webhook_url=job.webhook_url,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 Task = Literal["causal_lm", "sequence_classification", "token_classification"]
 AccountantChoice = Literal["prv", "rdp"]
@@ -114,6 +114,9 @@ class JobCreate(StrictModel):
     metadata: dict[str, str] = Field(
         default_factory=dict, max_length=16, description="Up to 16 string pairs, stored and filterable."
     )
+    webhook_url: HttpUrl | None = Field(
+        None, description="POSTed the job (signed, see X-Dpft-Signature) when it succeeds, fails or is cancelled."
+    )
 
 
 class PlanOut(BaseModel):
@@ -180,6 +183,7 @@ class JobOut(BaseModel):
     attempt: int = Field(description="How many times a worker has started this job.")
     error: str | None = Field(description="What went wrong, for a failed job.")
     metadata: dict[str, str]
+    webhook_url: str | None = Field(None, description="Where the terminal state is POSTed.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

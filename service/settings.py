@@ -45,12 +45,32 @@ class Settings(BaseSettings):
         "",
         description="Comma-separated hub ids or local paths allowed as base_model, besides the built-in presets.",
     )
-    max_upload_bytes: int = Field(
-        512 * 1024 * 1024, description="Largest dataset upload accepted (413 beyond)."
-    )
+    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset upload accepted (413 beyond).")
     max_record_chars: int = Field(100_000, description="Longest text field accepted in a dataset record.")
+    webhook_secret: str | None = Field(
+        None, description="Secret for the HMAC signature of webhooks; jobs may name a webhook_url only when set."
+    )
+    webhook_max_attempts: int = Field(8, ge=1, description="Webhook delivery attempts before giving up.")
+    webhook_backoff_s: float = Field(2.0, gt=0, description="Wait before the first retry; doubles each time.")
     task_time_limit_s: int = Field(24 * 3600, description="Hard time limit of one training task.")
     metrics_flush_s: float = Field(1.0, description="How often the worker writes buffered metrics.")
+    heartbeat_lease_s: float = Field(
+        120.0,
+        description="A running job whose heartbeat is older than this goes back to the queue (and resumes).",
+    )
+    max_attempts: int = Field(3, description="Claims a job may have; a job that loses its worker after that fails.")
+    sweep_interval_s: float = Field(
+        10.0, description="How often each worker's sweeper looks for stale heartbeats and lost messages."
+    )
+    resend_after_s: float = Field(
+        30.0, description="A queued job with no broker message for this long is sent again (Redis lost it)."
+    )
+    checkpoint_every: int = Field(50, description="Noisy steps between training checkpoints (for resume).")
+    metrics_max_outage_s: float = Field(
+        300.0,
+        description="How long training continues while metrics cannot be written; past it the job stops.",
+    )
+    require_gpu: bool = Field(False, description="Refuse to start a worker that sees no CUDA device.")
 
     @property
     def resolved_database_url(self) -> str:

@@ -42,6 +42,7 @@ REDIS_START = [
     "--appendonly",
     "no",
 ]
+WEBHOOK_SECRET = "whsec-test-secret"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
@@ -170,6 +171,8 @@ def postgres_stack(
         "DPFT_DATA_DIR": str(root),
         "DPFT_ARTIFACT_DIR": str(root / "artifacts"),
         "DPFT_METRICS_FLUSH_S": "0.5",
+        "DPFT_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "DPFT_WEBHOOK_BACKOFF_S": "0.3",
     }
     yield from _start_stack(env, postgres_url, root)
 

@@ -314,3 +314,11 @@ def test_concurrent_job_creations_cannot_together_overspend_a_budget(api, tenant
     assert codes == [201, 201, 409, 409, 409, 409], [r.text for r in responses]
     spent = api.get(f"/v1/datasets/{ds['id']}", headers=auth(tenant_key)).json()["epsilon_spent"]
     assert spent <= 10
+
+
+def test_a_webhook_needs_a_signing_secret_configured(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    body = {**job_body(dataset["id"]), "webhook_url": "http://127.0.0.1:9/hook"}
+    response = api.post("/v1/jobs", headers=auth(tenant_key), json=body)
+    assert response.status_code == 422 and "DPFT_WEBHOOK_SECRET" in response.json()["error"]["message"]
+    bad = api.post("/v1/jobs", headers=auth(tenant_key), json={**body, "webhook_url": "not a url"})
+    assert bad.status_code == 422
