@@ -121,7 +121,7 @@ def _curve_steps(steps: int, points: int = CURVE_POINTS) -> list[int]:
         return [steps]
     if steps <= points:
         return list(range(1, steps + 1))
-    xs = np.unique(np.round(np.linspace(1, steps, points)).astype(int))
+    xs = np.unique(np.round(np.linspace(steps / points, steps, points)).astype(int))
     xs = [int(x) for x in xs if 1 <= x <= steps]
     if xs[-1] != steps:
         xs.append(steps)

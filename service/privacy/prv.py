@@ -236,73 +236,143 @@ class PRVComposer:
             self._logF = np.log(F)
         self._F = F
         self._arange = np.arange(self.n, dtype=float)
+        self._suffix_max: np.ndarray | None = None
+
+    # -- composition ------------------------------------------------------------------------------
+    # The composed PMF after t steps has the spectrum F**t. For all but the first few steps that
+    # spectrum is negligible (< SPECTRAL_TAU) beyond a few hundred frequencies out of n/2, so the
+    # tail sums the epsilon search needs are evaluated directly from the kept frequencies (closed
+    # form geometric sums, O(K) per probe of a binary search) instead of an O(n log n) inverse FFT.
+    SPECTRAL_TAU = 1e-30
+    SPECTRAL_MAX_K = 4096
 
     def _roll(self, steps: int) -> int:
         # raw circular index i of a sum of `steps` cells <-> value steps*(t_min + shift) + i*mesh;
         # index j of the domain t0 + shift*(steps-1) + j*mesh is i - (steps-1)*k (mod n)
         return (-(steps - 1) * self.dprv.k) % self.n
 
-    def _ts(self, steps: int) -> np.ndarray:
-        return (self.dprv.t0 + self.dprv.shift * (steps - 1)) + self._arange * self.dprv.mesh
+    def _base(self, steps: int) -> float:
+        return self.dprv.t0 + self.dprv.shift * (steps - 1)
 
-    def _spectrum(self, steps: int) -> np.ndarray:
-        """F**steps, computed as exp(steps * log F) (the canonical, deterministic way)."""
+    def _ts(self, steps: int) -> np.ndarray:
+        return self._base(steps) + self._arange * self.dprv.mesh
+
+    def _spectrum(self, steps: int, kmax: int | None = None) -> np.ndarray:
+        """F**steps (first kmax+1 frequencies), computed as exp(steps * log F)."""
+        lf = self._logF if kmax is None else self._logF[: kmax + 1]
         with np.errstate(under="ignore", invalid="ignore"):
-            return np.exp(steps * self._logF)
+            return np.exp(steps * lf)
 
     def _check(self, steps: int) -> None:
         if steps < 1 or steps > self.max_steps:
             raise ValueError(f"steps must be in [1, {self.max_steps}]")
+
+    def _kept(self, steps: int) -> int:
+        """Largest frequency index whose |F|**steps may exceed SPECTRAL_TAU (suffix-max bound)."""
+        if self._suffix_max is None:
+            lf = np.where(np.isfinite(self._logF.real), self._logF.real, -np.inf)
+            self._suffix_max = np.maximum.accumulate(lf[::-1])[::-1]
+        thr = math.log(self.SPECTRAL_TAU) / steps
+        # suffix max is non-increasing: frequencies [0, K] have suffix max > thr
+        return int(np.searchsorted(-self._suffix_max, -thr, side="left")) - 1
 
     def composed(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
         self._check(steps)
         f = sfft.irfft(self._spectrum(steps), self.n)
         return self._ts(steps), np.roll(f, self._roll(steps))
 
-    def delta_allowance(self, steps: int, p: np.ndarray) -> float:
-        """delta_error plus what is not covered by the PRV theorem: the cut single-step tail (by total
-        variation, at most steps * tail_mass) and floating-point error of the FFT composition (at most
-        about n * steps * eps_machine * max|p|, tens of times what was measured against long double)."""
-        fp = self.n * steps * np.finfo(float).eps * float(np.max(np.abs(p)))
-        return self.delta_error + steps * self.dprv.tail_mass + fp
+    def _fp_allowance(self, steps: int, abs_spec_sum: float) -> float:
+        """Floating-point allowance in delta: ``steps * eps_machine * sum_k |F_k|**steps`` (the sum
+        over all n frequencies bounds n * max|p|, so this is at least ``n * steps * eps * max|p|``,
+        tens of times the error measured against a long-double composition)."""
+        return steps * np.finfo(float).eps * abs_spec_sum
+
+    def bounds(self, delta: float, steps: int, eps_error: float | None = None) -> tuple[float, float, float]:
+        """(lower, estimate, upper) epsilon after ``steps`` compositions.
+
+        delta allowance = delta_error + steps * tail_mass (single-step mass cut above the
+        evaluated support, by total variation) + floating-point allowance (+ the dropped-frequency
+        bound on the spectral path). Deterministic in (parameters, steps, delta).
+        """
+        self._check(steps)
+        eps_error = self.eps_error if eps_error is None else float(eps_error)
+        base_allow = self.delta_error + steps * self.dprv.tail_mass
+        K = self._kept(steps)
+        if 0 <= K <= min(self.SPECTRAL_MAX_K, self.n // 16):
+            return self._bounds_spectral(delta, steps, K, base_allow, eps_error)
+        spec = self._spectrum(steps)
+        a = np.abs(spec)
+        abs_sum = float(a[0] + 2 * a[1:].sum() - (a[-1] if self.n % 2 == 0 else 0.0))
+        p = np.roll(sfft.irfft(spec, self.n), self._roll(steps))
+        allow = base_allow + self._fp_allowance(steps, abs_sum)
+        return epsilon_from_pmf(self._ts(steps), p, delta, allow, eps_error)
+
+    def _bounds_spectral(self, delta: float, steps: int, K: int, base_allow: float,
+                         eps_error: float) -> tuple[float, float, float]:
+        n, h = self.n, self.dprv.mesh
+        k = np.arange(K + 1, dtype=np.int64)
+        c = self._spectrum(steps, K)
+        r = self._roll(steps)
+        c = c * np.exp(-2j * np.pi * ((r * k) % n) / n)  # spectrum of the rolled PMF
+        w = np.exp(2j * np.pi * k[1:] / n)  # omega^k
+        a1 = c[1:] / (1 - w)
+        a2_0 = c[0] / (1 - math.exp(-h))
+        a2 = c[1:] / (1 - w * math.exp(-h))
+        k1 = k[1:]
+
+        def tails(i: int) -> tuple[float, float]:
+            """d1(i) = sum_{j>=i} p_j and d2'(i) = sum_{j>=i} p_j exp(-(j-i) h)."""
+            wi = np.exp(2j * np.pi * ((i * k1) % n) / n)
+            e = math.exp(-(n - i) * h)
+            d1 = (c[0].real * (n - i) + 2 * float(np.dot(a1, wi - 1).real)) / n
+            d2 = (a2_0.real * (1 - e) + 2 * float(np.dot(a2, wi - e).real)) / n
+            return d1, d2
+
+        abs_sum = float(abs(c[0]) + 2 * np.abs(c[1:]).sum()) + n * self.SPECTRAL_TAU
+        # dropped frequencies (|c_k| <= tau): each tail sum moves by at most 2 tau (log n + 1)
+        trunc = 4 * self.SPECTRAL_TAU * (math.log(n) + 1)
+        # rounding of the O(K) sums of terms of size <= |a_k|
+        rnd = 8 * (K + 8) * np.finfo(float).eps * float(abs(c[0]) + 2 * np.abs(a1).sum() + abs(a2_0)
+                                                        + 2 * np.abs(a2).sum()) / n
+        allow = base_allow + self._fp_allowance(steps, abs_sum) + trunc + rnd
+        if delta - allow <= 0:
+            raise PRVUnavailable("delta too small for the PRV accountant's floating-point precision")
+        base = self._base(steps)
+        s0 = max(int(math.ceil(-base / h)) - 1, 0)
+        cache: dict[int, tuple[float, float]] = {}
+
+        def nd(i: int) -> float:
+            if i not in cache:
+                cache[i] = tails(i)
+            d1, d2 = cache[i]
+            return d2 - d1
+
+        def find(target: float) -> float:
+            if nd(s0) >= -target:
+                return base + s0 * h
+            lo, hi = s0, n - 1  # nd(lo) < -target <= nd(hi)
+            if nd(hi) < -target:
+                raise PRVUnavailable("Cannot compute epsilon (epsilon beyond the domain)")
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if nd(mid) >= -target:
+                    hi = mid
+                else:
+                    lo = mid
+            d1, d2 = cache[hi]
+            return base + hi * h + math.log((d1 - target) / d2)
+
+        upper = find(delta - allow) + eps_error
+        lower = find(delta + allow) - eps_error
+        est = find(delta)
+        return lower, est, upper
 
     def epsilon_bounds(self, delta: float, steps: int) -> tuple[float, float, float]:
-        ts, p = self.composed(steps)
-        return epsilon_from_pmf(ts, p, delta, self.delta_allowance(steps, p), self.eps_error)
+        return self.bounds(delta, steps)
 
-    def upper_many(self, delta: float, steps_list, batch: int = 8) -> list[float]:
-        """Upper bounds at several step counts.
-
-        The spectrum at consecutive requested steps is obtained by multiplying by F (cheaper than a
-        power); ``max_steps`` itself always uses the canonical power, so that the value there is
-        bit-identical to :meth:`epsilon_bounds`.
-        """
-        steps_list = [int(s) for s in steps_list]
-        for s in steps_list:
-            self._check(s)
-        order = sorted(range(len(steps_list)), key=lambda i: steps_list[i])
-        out = [0.0] * len(steps_list)
-        prev_s, prev_spec = None, None
-        for b in range(0, len(order), batch):
-            idx = order[b:b + batch]
-            specs = []
-            for i in idx:
-                s = steps_list[i]
-                if s == self.max_steps or prev_s is None or s - prev_s > 4:
-                    spec = self._spectrum(s)
-                else:
-                    spec = prev_spec
-                    for _ in range(s - prev_s):
-                        spec = spec * self._F
-                if s != self.max_steps:
-                    prev_s, prev_spec = s, spec
-                specs.append(spec)
-            fs = sfft.irfft(np.stack(specs), self.n, axis=1)
-            for i, f in zip(idx, fs, strict=True):
-                s = steps_list[i]
-                p = np.roll(f, self._roll(s))
-                out[i] = epsilon_from_pmf(self._ts(s), p, delta, self.delta_allowance(s, p), self.eps_error)[2]
-        return out
+    def upper_many(self, delta: float, steps_list) -> list[float]:
+        """Upper bounds at several step counts (each exactly as :meth:`epsilon_bounds`)."""
+        return [self.bounds(delta, int(s))[2] for s in steps_list]
 
 
 def epsilon_from_pmf(ts: np.ndarray, p: np.ndarray, delta: float, delta_error: float,

@@ -122,8 +122,7 @@ def _coarse(sigma: float, q: float, steps: int, delta: float) -> float:
     eps_error, delta_error = prv_errors(sigma, q, steps, delta)
     comp = _prv.PRVComposer(noise_multiplier=sigma, sampling_probability=q, max_steps=steps,
                             eps_error=COARSE * eps_error, delta_error=delta_error)
-    ts, p = comp.composed(steps)
-    return max(_prv.epsilon_from_pmf(ts, p, delta, comp.delta_allowance(steps, p), eps_error)[2], 1e-12)
+    return max(comp.bounds(delta, steps, eps_error=eps_error)[2], 1e-12)
 
 
 def solve_prv(target: float, q: float, steps: int, delta: float) -> float | None:
