@@ -11,13 +11,16 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import unquote, urlsplit
 
 from service.errors import InvalidRequest, PayloadTooLarge
 
-FORMATS = ("jsonl", "csv")
+FORMATS = ("jsonl", "csv", "parquet")
+PARQUET_BATCH_ROWS = 1024
 CHUNK = 1 << 20
 
 
@@ -43,7 +46,14 @@ def guess_format(filename: str | None, declared: str | None) -> str:
         fmt = declared.lower()
     else:
         suffix = Path(filename or "").suffix.lower().lstrip(".")
-        fmt = {"json": "jsonl", "ndjson": "jsonl", "jsonl": "jsonl", "csv": "csv"}.get(suffix, "")
+        fmt = {
+            "json": "jsonl",
+            "ndjson": "jsonl",
+            "jsonl": "jsonl",
+            "csv": "csv",
+            "parquet": "parquet",
+            "pq": "parquet",
+        }.get(suffix, "")
     if fmt not in FORMATS:
         raise InvalidRequest(
             f"Unsupported dataset format {fmt or filename!r}: use one of {', '.join(FORMATS)} "
@@ -60,16 +70,32 @@ def copy_limited(source: BinaryIO, target: BinaryIO, max_bytes: int) -> tuple[in
     while chunk := source.read(CHUNK):
         size += len(chunk)
         if size > max_bytes:
-            raise PayloadTooLarge(
-                f"The upload exceeds the limit of {max_bytes} bytes (DPFT_MAX_UPLOAD_BYTES)."
-            )
+            raise PayloadTooLarge(f"The upload exceeds the limit of {max_bytes} bytes (DPFT_MAX_UPLOAD_BYTES).")
         digest.update(chunk)
         target.write(chunk)
     return size, digest.hexdigest()
 
 
+def iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        number = 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetInvalid(f"The file is not readable as Parquet: {exc}.", param="file") from None
+
+
 def iter_records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line or row number, record); raises DatasetInvalid with the position of a bad one."""
+    if fmt == "parquet":
+        yield from iter_parquet(path)
+        return
     with path.open("rb") as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
         try:
@@ -80,9 +106,7 @@ def iter_records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise DatasetInvalid(
-                            f"Line {number} is not valid JSON: {exc.msg}.", param="file"
-                        ) from None
+                        raise DatasetInvalid(f"Line {number} is not valid JSON: {exc.msg}.", param="file") from None
                     if not isinstance(record, dict):
                         raise DatasetInvalid(f"Line {number} is not a JSON object.", param="file")
                     yield number, record
@@ -126,9 +150,7 @@ def validate_records(
                 param="file",
             )
         if label_field is not None and record.get(label_field) in (None, ""):
-            raise DatasetInvalid(
-                f"The record at {where} has no label in {label_field!r}.", param="label_field"
-            )
+            raise DatasetInvalid(f"The record at {where} has no label in {label_field!r}.", param="label_field")
         if entity_column is not None:
             entity = record.get(entity_column)
             if entity in (None, ""):
@@ -146,3 +168,49 @@ def validate_records(
 
 def load_records(path: Path, fmt: str) -> list[dict[str, Any]]:
     return [record for _, record in iter_records(path, fmt)]
+
+
+def check_uri(uri: str, *, file_root: Path | None) -> None:
+    """Refuse a URI dpft may not read, before anything is fetched."""
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        if not parts.netloc or not parts.path.strip("/"):
+            raise InvalidRequest("An s3:// URI names a bucket and a key: s3://bucket/path/data.jsonl.", param="uri")
+        return
+    if parts.scheme != "file":
+        raise InvalidRequest(f"Unsupported URI scheme {parts.scheme!r}: use file:// or s3://.", param="uri")
+    if file_root is None:
+        raise InvalidRequest(
+            "file:// URIs are disabled here: the operator must set DPFT_DATASET_FILE_ROOT.", param="uri"
+        )
+    raw_path = Path(unquote(parts.path))
+    if ".." in raw_path.parts:
+        raise InvalidRequest("file:// URIs may not contain '..'.", param="uri")
+    if not raw_path.resolve().is_relative_to(file_root.resolve()):
+        raise InvalidRequest(f"{uri} is outside the directory datasets may be read from.", param="uri")
+
+
+@contextmanager
+def open_uri(uri: str, *, file_root: Path | None, s3_endpoint_url: str | None) -> Iterator[BinaryIO]:
+    """Open a dataset named by URI: `file://` inside the configured root, or `s3://` through fsspec."""
+    check_uri(uri, file_root=file_root)
+    if urlsplit(uri).scheme == "file":
+        path = Path(unquote(urlsplit(uri).path)).resolve()
+        if not path.is_file():
+            raise InvalidRequest(f"No file at {uri}.", param="uri")
+        with path.open("rb") as handle:
+            yield handle
+        return
+    import fsspec
+
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint_url}} if s3_endpoint_url else {}
+    try:
+        handle = fsspec.open(uri, "rb", **options).open()
+    except FileNotFoundError:
+        raise InvalidRequest(f"No object at {uri}.", param="uri") from None
+    except (PermissionError, OSError, ValueError) as exc:
+        raise InvalidRequest(f"Cannot read {uri}: {exc}.", param="uri") from None
+    try:
+        yield handle
+    finally:
+        handle.close()

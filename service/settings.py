@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         "",
         description="Comma-separated hub ids or local paths allowed as base_model, besides the built-in presets.",
     )
+    dataset_file_root: Path | None = Field(
+        None, description="Directory that file:// dataset URIs may point into; unset: file:// is refused."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store for s3:// dataset URIs (default: AWS)."
+    )
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset upload accepted (413 beyond).")
     max_record_chars: int = Field(100_000, description="Longest text field accepted in a dataset record.")
     webhook_secret: str | None = Field(

@@ -159,9 +159,7 @@ def _start_stack(env: dict[str, str], database_url: str, root: Path) -> Iterator
 
 
 @pytest.fixture(scope="session")
-def postgres_stack(
-    postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
+def postgres_stack(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """API and worker on the real PostgreSQL and Redis (the production configuration)."""
     root = tmp_path_factory.mktemp("postgres-stack")
     env = {
@@ -201,10 +199,28 @@ def reset_service_caches() -> None:
 
 
 @pytest.fixture(scope="session")
-def api_env(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def s3_endpoint() -> Iterator[str]:
+    """A local S3-compatible server (moto's server mode) on 127.0.0.1, with test credentials."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    port = processes.free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def api_env(
+    postgres_url: str, redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict]:
     """The in-process API configured on the real PostgreSQL and Redis (tasks go to a private prefix)."""
     root = tmp_path_factory.mktemp("api")
+    (root / "shared-data").mkdir()
     env = {
+        "DPFT_DATASET_FILE_ROOT": str(root / "shared-data"),
+        "DPFT_S3_ENDPOINT_URL": s3_endpoint,
         "DPFT_DATABASE_URL": postgres_url,
         "DPFT_BROKER_URL": redis_url,
         "DPFT_BROKER_KEY_PREFIX": f"dpft-test-unconsumed-{secrets.token_hex(4)}:",

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, File, Form, UploadFile
 from sqlalchemy import select
 
 from service.artifacts import get_artifact_store
 from service.auth import CurrentTenant, DbSession
-from service.datasets import copy_limited, guess_format, validate_records
-from service.errors import Conflict
+from service.datasets import check_uri, copy_limited, guess_format, open_uri, validate_records
+from service.errors import Conflict, InvalidRequest
 from service.jobs import epsilon_reserved, get_dataset
 from service.models import Dataset, Job, JobStatus, PrivacyLedgerEntry, new_id, utcnow
 from service.schemas import DatasetOut, DatasetUpdate, LedgerEntryOut, ListResponse
@@ -40,21 +41,23 @@ def dataset_out(session: DbSession, dataset: Dataset) -> DatasetOut:
     )
 
 
-@router.post("", status_code=201, response_model=DatasetOut, summary="Upload a dataset")
+@router.post("", status_code=201, response_model=DatasetOut, summary="Upload or register a dataset")
 def upload_dataset(
     session: DbSession,
     tenant: CurrentTenant,
-    file: Annotated[UploadFile, File(description="The data: JSONL (one JSON object per line) or CSV.")],
-    name: Annotated[
-        str | None, Form(max_length=300, description="Display name; default: the file name.")
+    file: Annotated[
+        UploadFile | None, File(description="The data: JSONL (one JSON object per line), CSV or Parquet.")
     ] = None,
+    uri: Annotated[
+        str | None,
+        Form(description="Instead of a file: file:// inside the configured root, or s3://bucket/key. Copied in."),
+    ] = None,
+    name: Annotated[str | None, Form(max_length=300, description="Display name; default: the file name.")] = None,
     format: Annotated[
-        str | None, Form(description="jsonl or csv; guessed from the file name when absent.")
+        str | None, Form(description="jsonl, csv or parquet; guessed from the file name when absent.")
     ] = None,
     text_field: Annotated[str, Form(min_length=1, description="Field holding the text.")] = "text",
-    label_field: Annotated[
-        str | None, Form(description="Field holding the label, for classification.")
-    ] = None,
+    label_field: Annotated[str | None, Form(description="Field holding the label, for classification.")] = None,
     entity_column: Annotated[
         str | None, Form(description="Field naming the entity (user) of each record, for entity-level DP.")
     ] = None,
@@ -66,14 +69,27 @@ def upload_dataset(
         float | None, Form(gt=0, lt=1, allow_inf_nan=False, description="Total delta all jobs may spend.")
     ] = None,
 ) -> DatasetOut:
+    """The data is streamed to the artifact store and validated record by record; a dataset that fails
+    validation (the error names the line or row) is stored nowhere."""
     settings = get_settings()
-    fmt = guess_format(file.filename, format)
+    if (file is None) == (uri is None):
+        raise InvalidRequest("Send exactly one of `file` (an upload) and `uri`.", param="file")
+    if uri is not None:
+        check_uri(uri, file_root=settings.dataset_file_root)
+    source_name = file.filename if file is not None else urlsplit(uri or "").path.rsplit("/", 1)[-1]
+    fmt = guess_format(source_name, format)
     store = get_artifact_store()
     dataset_id = new_id("ds")
     key = f"datasets/{dataset_id}/data.{fmt}"
-    with store.writer(key) as handle:
-        size, content_hash = copy_limited(file.file, handle, settings.max_upload_bytes)
     try:
+        with store.writer(key) as handle:
+            if file is not None:
+                size, content_hash = copy_limited(file.file, handle, settings.max_upload_bytes)
+            else:
+                with open_uri(
+                    uri or "", file_root=settings.dataset_file_root, s3_endpoint_url=settings.s3_endpoint_url
+                ) as source:
+                    size, content_hash = copy_limited(source, handle, settings.max_upload_bytes)
         summary = validate_records(
             store.path(key),
             fmt,
@@ -85,7 +101,7 @@ def upload_dataset(
         dataset = Dataset(
             id=dataset_id,
             tenant_id=tenant.id,
-            name=name or file.filename or dataset_id,
+            name=name or source_name or dataset_id,
             format=fmt,
             storage_key=key,
             size_bytes=size,
@@ -122,12 +138,8 @@ def read_dataset(dataset_id: str, session: DbSession, tenant: CurrentTenant) -> 
     return dataset_out(session, get_dataset(session, tenant, dataset_id))
 
 
-@router.patch(
-    "/{dataset_id}", response_model=DatasetOut, summary="Rename a dataset or change its privacy budget"
-)
-def update_dataset(
-    dataset_id: str, update: DatasetUpdate, session: DbSession, tenant: CurrentTenant
-) -> DatasetOut:
+@router.patch("/{dataset_id}", response_model=DatasetOut, summary="Rename a dataset or change its privacy budget")
+def update_dataset(dataset_id: str, update: DatasetUpdate, session: DbSession, tenant: CurrentTenant) -> DatasetOut:
     dataset = get_dataset(session, tenant, dataset_id)
     session.refresh(dataset, with_for_update=True)
     spent_eps, spent_delta = epsilon_reserved(session, dataset.id)
@@ -167,17 +179,13 @@ def delete_dataset(dataset_id: str, session: DbSession, tenant: CurrentTenant) -
     return dataset_out(session, dataset)
 
 
-@router.get(
-    "/{dataset_id}/ledger", response_model=ListResponse[LedgerEntryOut], summary="What each job spent"
-)
+@router.get("/{dataset_id}/ledger", response_model=ListResponse[LedgerEntryOut], summary="What each job spent")
 def ledger(dataset_id: str, session: DbSession, tenant: CurrentTenant) -> ListResponse[LedgerEntryOut]:
     """The privacy ledger: per job, the epsilon and delta spent (or reserved while it runs). Under basic
     composition they add up to the dataset's `epsilon_spent`."""
     get_dataset(session, tenant, dataset_id)
     rows = session.scalars(
-        select(PrivacyLedgerEntry)
-        .where(PrivacyLedgerEntry.dataset_id == dataset_id)
-        .order_by(PrivacyLedgerEntry.id)
+        select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.dataset_id == dataset_id).order_by(PrivacyLedgerEntry.id)
     ).all()
     data = [
         LedgerEntryOut(
