@@ -41,15 +41,20 @@ class PRVUnavailable(RuntimeError):
     """The PRV accountant cannot produce a bound for these parameters (caller should fall back)."""
 
 
+# The safe domain size uses RDP at integer orders only (a valid, slightly larger bound than with the
+# fractional orders too, so the domain can only be larger than prv-accountant's; much cheaper).
+_DOMAIN_ORDERS = DEFAULT_ORDERS[np.equal(np.mod(DEFAULT_ORDERS, 1), 0)]
+
+
 @lru_cache(maxsize=64)
 def _per_step_rdp(q: float, sigma: float) -> np.ndarray:
-    out = compute_rdp(q=q, noise_multiplier=sigma, steps=1)
+    out = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=_DOMAIN_ORDERS)
     out.setflags(write=False)
     return out
 
 
 def _rdp_eps_min(per_step_rdp: np.ndarray, steps: float, delta: float) -> float:
-    eps = eps_from_rdp(per_step_rdp * steps, delta, DEFAULT_ORDERS)
+    eps = eps_from_rdp(per_step_rdp * steps, delta, _DOMAIN_ORDERS)
     eps = eps[np.isfinite(eps)]
     return float(eps.min()) if eps.size else math.inf
 
@@ -150,7 +155,7 @@ def fast_even_length(n: int) -> int:
 _TAIL_U = 11.5
 
 
-def discretise(q: float, sigma: float, L: float, mesh: float) -> DiscretePRV:
+def discretise(q: float, sigma: float, L: float, mesh: float, tail_budget: float = 1e-30) -> DiscretePRV:
     """prv-accountant's CellCentred discretisation of the PRV truncated to the grid, mean-corrected.
 
     The grid is [-k*mesh, (n-1-k)*mesh] with k = ceil(L/mesh) and n >= 2k+2 an FFT-friendly even
@@ -166,7 +171,8 @@ def discretise(q: float, sigma: float, L: float, mesh: float) -> DiscretePRV:
     t_min = -k * mesh
     t_max = t_min + (n - 1) * mesh
     # support of the evaluation
-    z_star = (_TAIL_U + 0.5 / sigma) / sigma
+    u_cut = min(_TAIL_U, max(5.0, -float(special.ndtri(max(tail_budget, 1e-300)))))
+    z_star = (u_cut + 0.5 / sigma) / sigma
     t_star = z_star if q >= 1.0 else math.log1p(q * math.expm1(z_star))
     t_lo = t_min if q >= 1.0 else max(t_min, math.log1p(-q))
     t_hi = min(t_max, t_star)
@@ -228,13 +234,14 @@ class PRVComposer:
         if n > MAX_GRID:
             raise PRVUnavailable(f"PRV grid of {n} points exceeds the limit {MAX_GRID}")
         self.L = L
-        self.dprv = discretise(self.q, self.sigma, L, mesh)
+        # single-step mass cut above the support: at most 1e-4 of delta_error over all steps
+        self.dprv = discretise(self.q, self.sigma, L, mesh, tail_budget=1e-4 * self.delta_error / self.max_steps)
         self.n = self.dprv.n
         F = sfft.rfft(self.dprv.pmf)
         self.dprv.pmf = None  # only the spectrum is kept
-        with np.errstate(divide="ignore"):
-            self._logF = np.log(F)
         self._F = F
+        self._logF_full: np.ndarray | None = None
+        self._logF_head: np.ndarray | None = None  # log F on a prefix of frequencies
         self._arange = np.arange(self.n, dtype=float)
         self._suffix_max: np.ndarray | None = None
 
@@ -257,9 +264,25 @@ class PRVComposer:
     def _ts(self, steps: int) -> np.ndarray:
         return self._base(steps) + self._arange * self.dprv.mesh
 
+    def _log_spectrum(self, kmax: int | None) -> np.ndarray:
+        """log F on frequencies [0, kmax] (all when None); computed once per prefix length and cached
+        (log F[k] does not depend on how many frequencies are computed, so results are identical)."""
+        if kmax is None or kmax + 1 > self._F.size // 2:
+            if self._logF_full is None:
+                with np.errstate(divide="ignore"):
+                    self._logF_full = np.log(self._F)
+            return self._logF_full if kmax is None else self._logF_full[: kmax + 1]
+        if self._logF_full is not None:
+            return self._logF_full[: kmax + 1]
+        if self._logF_head is None or self._logF_head.size < kmax + 1:
+            m = min(self._F.size, max(2 * (kmax + 1), 1024))
+            with np.errstate(divide="ignore"):
+                self._logF_head = np.log(self._F[:m])
+        return self._logF_head[: kmax + 1]
+
     def _spectrum(self, steps: int, kmax: int | None = None) -> np.ndarray:
         """F**steps (first kmax+1 frequencies), computed as exp(steps * log F)."""
-        lf = self._logF if kmax is None else self._logF[: kmax + 1]
+        lf = self._log_spectrum(kmax)
         with np.errstate(under="ignore", invalid="ignore"):
             return np.exp(steps * lf)
 
@@ -270,7 +293,8 @@ class PRVComposer:
     def _kept(self, steps: int) -> int:
         """Largest frequency index whose |F|**steps may exceed SPECTRAL_TAU (suffix-max bound)."""
         if self._suffix_max is None:
-            lf = np.where(np.isfinite(self._logF.real), self._logF.real, -np.inf)
+            with np.errstate(divide="ignore"):
+                lf = np.log(np.abs(self._F))
             self._suffix_max = np.maximum.accumulate(lf[::-1])[::-1]
         thr = math.log(self.SPECTRAL_TAU) / steps
         # suffix max is non-increasing: frequencies [0, K] have suffix max > thr

@@ -66,7 +66,8 @@ def _search(f: Callable[[float], float], lo: float, f_lo: float, hi: float, f_hi
     return hi
 
 
-def _bracket_and_search(f: Callable[[float], float], guess_lo: float, guess_hi: float) -> float | None:
+def _bracket_and_search(f: Callable[[float], float], guess_lo: float, guess_hi: float,
+                        rtol: float = RTOL) -> float | None:
     """Smallest sigma in [SIGMA_MIN, SIGMA_MAX] with f(sigma) <= 0 (to RTOL); None if f(SIGMA_MAX) > 0."""
     guess_lo = min(max(guess_lo, SIGMA_MIN), SIGMA_MAX)
     guess_hi = min(max(guess_hi, guess_lo), SIGMA_MAX)
@@ -89,10 +90,10 @@ def _bracket_and_search(f: Callable[[float], float], guess_lo: float, guess_hi: 
             hi, f_hi = lo, f_lo
             lo = max(lo / 1.25, SIGMA_MIN)
             f_lo = f(lo)
-    return _search(f, lo, f_lo, hi, f_hi)
+    return _search(f, lo, f_lo, hi, f_hi, rtol=rtol)
 
 
-def solve_rdp(target: float, q: float, steps: int, delta: float, orders=None) -> float | None:
+def solve_rdp(target: float, q: float, steps: int, delta: float, orders=None, rtol: float = RTOL) -> float | None:
     """Smallest sigma (to RTOL) whose RDP epsilon is <= target (over ``orders``, default all)."""
     def f(sigma: float) -> float:
         eps = rdp_epsilon(noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta, orders=orders)
@@ -100,11 +101,11 @@ def solve_rdp(target: float, q: float, steps: int, delta: float, orders=None) ->
 
     # Gaussian-mechanism-like first guess: eps ~ q sqrt(T log(1/delta)) / sigma
     guess = q * math.sqrt(2 * steps * math.log(1 / delta)) / target
-    return _bracket_and_search(f, guess / 1.5, guess)
+    return _bracket_and_search(f, guess / 1.5, guess, rtol=rtol)
 
 
 # The coarse model runs the PRV accountant on a grid COARSE times coarser than the final one.
-COARSE = 8
+COARSE = 16
 # A fine evaluation within this fraction below the target is accepted (sigma is then within about
 # that fraction of the threshold, since |d log eps / d log sigma| >= ~1).
 EPS_SLACK = 0.003
@@ -139,7 +140,7 @@ def solve_prv(target: float, q: float, steps: int, delta: float) -> float | None
     Raises PRVUnavailable when the PRV accountant cannot evaluate a needed point.
     """
     # integer orders only: a starting point, not an answer (cheaper than the fractional series)
-    sigma_rdp = solve_rdp(target, q, steps, delta, orders=_INT_ORDERS)
+    sigma_rdp = solve_rdp(target, q, steps, delta, orders=_INT_ORDERS, rtol=0.01)
     if sigma_rdp is None:
         sigma_rdp = SIGMA_MAX
     log_t = math.log(target * _AIM)
