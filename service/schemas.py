@@ -21,7 +21,7 @@ class StrictModel(BaseModel):
 
 class ListResponse(BaseModel, Generic[T]):
     object: Literal["list"] = "list"
-    data: list[T]
+    data: list[T] = Field(description="The page of objects.")
     has_more: bool = Field(description="Whether another page follows; pass the last id as `after` to get it.")
 
 
@@ -168,39 +168,39 @@ class JobOut(BaseModel):
     id: str = Field(description="Job id (`job_...`).")
     object: Literal["job"] = "job"
     status: str = Field(description="queued, running, cancelling, succeeded, failed or cancelled.")
-    dataset_id: str
-    base_model: str
-    task: str
+    dataset_id: str = Field(description="The dataset the job trains on.")
+    base_model: str = Field(description="The model that was fine-tuned.")
+    task: str = Field(description="causal_lm, sequence_classification or token_classification.")
     step: int = Field(description="Noisy optimizer steps done.")
     total_steps: int = Field(description="Noisy optimizer steps planned.")
     epsilon: float = Field(description="Epsilon spent so far (accountant upper bound).")
     target_epsilon: float | None = Field(description="The job's epsilon limit, if it was given one.")
     plan: PlanOut = Field(description="The noise solver's plan that the job trains.")
-    hyperparameters: dict[str, Any]
-    lora: dict[str, Any] | None
-    privacy: dict[str, Any]
+    hyperparameters: dict[str, Any] = Field(description="The training settings of the request.")
+    lora: dict[str, Any] | None = Field(description="The LoRA settings, or null for full fine-tuning.")
+    privacy: dict[str, Any] = Field(description="The privacy spec of the request.")
     stop_reason: str | None = Field(description="Why training ended: completed, epsilon_budget or cancelled.")
     attempt: int = Field(description="How many times a worker has started this job.")
     error: str | None = Field(description="What went wrong, for a failed job.")
-    metadata: dict[str, str]
+    metadata: dict[str, str] = Field(description="The string pairs given at creation.")
     webhook_url: str | None = Field(None, description="Where the terminal state is POSTed.")
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: datetime = Field(description="When it was created (UTC).")
+    started_at: datetime | None = Field(description="When a worker first started it (UTC).")
+    finished_at: datetime | None = Field(description="When it ended (UTC).")
 
 
 class MetricPoint(BaseModel):
     step: int = Field(description="Noisy optimizer step (1-based).")
     epsilon: float = Field(description="Epsilon spent after this step (accountant upper bound).")
     loss: float | None = Field(description="Training loss on the private batch: NOT covered by the DP guarantee.")
-    learning_rate: float | None
-    timestamp: datetime
+    learning_rate: float | None = Field(description="Learning rate used at this step.")
+    timestamp: datetime = Field(description="When the step ended (UTC).")
 
 
 class MetricsPage(BaseModel):
     object: Literal["list"] = "list"
-    data: list[MetricPoint]
-    has_more: bool
+    data: list[MetricPoint] = Field(description="Points in increasing step order.")
+    has_more: bool = Field(description="Whether more points follow; poll again with next_since_step.")
     next_since_step: int = Field(description="Pass as since_step to get the points after this page.")
     note: str = Field(
         "loss is computed on private training batches outside DP-SGD and is not covered by the guarantee",
@@ -209,22 +209,22 @@ class MetricsPage(BaseModel):
 
 
 class DatasetOut(BaseModel):
-    id: str
+    id: str = Field(description="Dataset id (`ds_...`).")
     object: Literal["dataset"] = "dataset"
-    name: str
-    format: str
-    size_bytes: int
+    name: str = Field(description="Display name.")
+    format: str = Field(description="jsonl, csv or parquet.")
+    size_bytes: int = Field(description="Size of the stored file in bytes.")
     content_hash: str = Field(description="SHA-256 of the stored file.")
     num_records: int = Field(description="Number of records (exact: not covered by DP, visible to the tenant only).")
     num_entities: int | None = Field(description="Number of distinct entities in entity_column, when named.")
-    columns: list[str]
-    text_field: str
-    label_field: str | None
-    entity_column: str | None
+    columns: list[str] = Field(description="Fields seen in the records, in first-seen order.")
+    text_field: str = Field(description="Field holding the text.")
+    label_field: str | None = Field(description="Field holding the label, if any.")
+    entity_column: str | None = Field(description="Field naming each record's entity, if any.")
     epsilon_budget: float | None = Field(description="Total epsilon all jobs on this dataset may spend.")
     delta_budget: float | None = Field(description="Total delta all jobs on this dataset may spend.")
     epsilon_spent: float = Field(description="Epsilon spent or reserved by jobs on this dataset (basic composition).")
-    created_at: datetime
+    created_at: datetime = Field(description="When it was uploaded (UTC).")
 
 
 class ModelOut(BaseModel):
@@ -233,16 +233,16 @@ class ModelOut(BaseModel):
     family: str | None = Field(description="Architecture family.")
     tasks: list[str] = Field(description="Tasks this model can be fine-tuned for.")
     builtin: bool = Field(description="True for the tiny presets that ship with dpft (random weights).")
-    description: str
+    description: str = Field(description="What the model is.")
 
 
 class EventOut(BaseModel):
     id: int = Field(description="Increasing event id; pass as `after` to get later events.")
     object: Literal["event"] = "event"
     type: str = Field(description="created, queued, started, cancel_requested, cancelled, succeeded, failed, ...")
-    message: str
-    data: dict[str, Any]
-    created_at: datetime
+    message: str = Field(description="What happened, for a person.")
+    data: dict[str, Any] = Field(description="Details for programs (for example the epsilon spent).")
+    created_at: datetime = Field(description="When it happened (UTC).")
 
 
 class DatasetUpdate(StrictModel):
@@ -253,17 +253,17 @@ class DatasetUpdate(StrictModel):
 
 class LedgerEntryOut(BaseModel):
     object: Literal["ledger_entry"] = "ledger_entry"
-    job_id: str
+    job_id: str = Field(description="The job that spent it.")
     epsilon: float = Field(description="Epsilon this job spent (state spent) or holds in reserve (state reserved).")
-    delta: float
+    delta: float = Field(description="Delta spent or reserved.")
     state: Literal["reserved", "spent"] = Field(
         description="reserved: the job may still spend up to its planned epsilon; spent: final."
     )
-    created_at: datetime
-    updated_at: datetime
+    created_at: datetime = Field(description="When the reservation was made (UTC).")
+    updated_at: datetime = Field(description="When it last changed (UTC).")
 
 
 class ArtifactOut(BaseModel):
     object: Literal["artifact"] = "artifact"
     name: str = Field(description="Path of the file within the job's results, e.g. adapter/adapter_config.json.")
-    size_bytes: int
+    size_bytes: int = Field(description="Size of the file in bytes.")
