@@ -15,6 +15,7 @@ from service import dashboard
 from service.auth import ensure_configured_keys
 from service.db import session_scope
 from service.errors import install_error_handlers
+from service.observability import install_metrics
 from service.routes import datasets, jobs, privacy, system
 from service.settings import get_settings
 from service.webhooks import deliver_due
@@ -56,6 +57,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_metrics(app)
     app.include_router(system.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)

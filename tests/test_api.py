@@ -322,3 +322,10 @@ def test_a_webhook_needs_a_signing_secret_configured(api, tenant_key: str, datas
     assert response.status_code == 422 and "DPFT_WEBHOOK_SECRET" in response.json()["error"]["message"]
     bad = api.post("/v1/jobs", headers=auth(tenant_key), json={**body, "webhook_url": "not a url"})
     assert bad.status_code == 422
+
+
+def test_prometheus_metrics(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+    api.get("/v1/models", headers=auth(tenant_key))
+    text = api.get("/metrics").text
+    assert 'dpft_http_requests_total{method="GET",route="/v1/models",status="200"}' in text
+    assert 'dpft_jobs{status="queued"}' in text

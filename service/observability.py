@@ -1,0 +1,60 @@
+"""Prometheus metrics for `GET /metrics`: request counts and latencies per route, jobs per status."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from service.db import session_scope
+from service.models import Job, JobStatus
+
+REGISTRY = CollectorRegistry()
+REQUESTS = Counter(
+    "dpft_http_requests_total", "HTTP requests answered.", ["method", "route", "status"], registry=REGISTRY
+)
+LATENCY = Histogram(
+    "dpft_http_request_duration_seconds",
+    "Time to answer an HTTP request.",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+
+
+class JobsCollector(Collector):
+    """Jobs per status, counted in the database at scrape time (so every API replica agrees)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("dpft_jobs", "Jobs per status.", labels=["status"])
+        counts = dict.fromkeys(JobStatus, 0)
+        with session_scope() as session:
+            for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+                counts[JobStatus(status)] = count
+        for status, count in counts.items():
+            gauge.add_metric([status.value], count)
+        yield gauge
+
+
+REGISTRY.register(JobsCollector())
+
+
+def install_metrics(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        LATENCY.labels(request.method, path).observe(time.perf_counter() - start)
+        REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics", tags=["system"], summary="Prometheus metrics", include_in_schema=True)
+    def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
