@@ -253,13 +253,20 @@ class PRVComposer:
     SPECTRAL_TAU = 1e-30
     SPECTRAL_MAX_K = 4096
 
+    def _recentre(self, steps: int) -> int:
+        # the mean-correcting shift accumulates to steps*shift; move the window by whole cells so
+        # that it keeps covering [-L, L] in value (prv-accountant keeps it fixed, which misplaces
+        # the window once steps*|shift| is comparable to the domain margin)
+        return int(round(steps * self.dprv.shift / self.dprv.mesh))
+
     def _roll(self, steps: int) -> int:
         # raw circular index i of a sum of `steps` cells <-> value steps*(t_min + shift) + i*mesh;
-        # index j of the domain t0 + shift*(steps-1) + j*mesh is i - (steps-1)*k (mod n)
-        return (-(steps - 1) * self.dprv.k) % self.n
+        # domain index j <-> value t_min + steps*shift - m*mesh + j*mesh, so j = i - (steps-1)*k + m
+        return (self._recentre(steps) - (steps - 1) * self.dprv.k) % self.n
 
     def _base(self, steps: int) -> float:
-        return self.dprv.t0 + self.dprv.shift * (steps - 1)
+        t_min = self.dprv.t0 - self.dprv.shift
+        return t_min + steps * self.dprv.shift - self._recentre(steps) * self.dprv.mesh
 
     def _ts(self, steps: int) -> np.ndarray:
         return self._base(steps) + self._arange * self.dprv.mesh
