@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -237,7 +238,15 @@ def job_out(job: Job) -> JobOut:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        estimated_finish_at=estimated_finish(job),
     )
+
+
+def estimated_finish(job: Job) -> datetime | None:
+    if job.status != JobStatus.running or not job.step or job.started_at is None:
+        return None
+    elapsed = utcnow() - job.started_at
+    return job.started_at + elapsed * (job.total_steps / job.step)
 
 
 def cancel_job(session: Session, job: Job) -> Job:
@@ -250,12 +259,16 @@ def cancel_job(session: Session, job: Job) -> Job:
         .values(status=JobStatus.cancelled, stop_reason="cancelled", finished_at=utcnow(), cancel_requested=True)
     ).rowcount
     if cancelled_now:
+        spent = float(job.epsilon or 0.0)  # a job back in the queue after a lost worker has spent some
         session.execute(
             update(PrivacyLedgerEntry)
             .where(PrivacyLedgerEntry.job_id == job.id)
-            .values(epsilon=0.0, delta=0.0, state="spent")
+            .values(epsilon=spent, delta=PrivacyLedgerEntry.delta if spent else 0.0, state="spent")
         )
-        add_event(session, job.id, "cancelled", "Cancelled before it started; nothing was spent.")
+        if spent:
+            add_event(session, job.id, "cancelled", f"Cancelled while queued to resume; epsilon {spent:.4f} spent.")
+        else:
+            add_event(session, job.id, "cancelled", "Cancelled before it started; nothing was spent.")
     else:
         session.execute(
             update(Job)

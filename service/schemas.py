@@ -187,6 +187,9 @@ class JobOut(BaseModel):
     created_at: datetime = Field(description="When it was created (UTC).")
     started_at: datetime | None = Field(description="When a worker first started it (UTC).")
     finished_at: datetime | None = Field(description="When it ended (UTC).")
+    estimated_finish_at: datetime | None = Field(
+        None, description="For a running job: when it should end at its pace so far (UTC)."
+    )
 
 
 class MetricPoint(BaseModel):

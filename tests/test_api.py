@@ -144,9 +144,7 @@ def test_bad_job_requests_get_a_clear_4xx(api, tenant_key: str, dataset: dict, c
 
 def test_non_finite_numbers_are_422(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
     raw = json.dumps(job_body(dataset["id"])).replace("8.0", "NaN")
-    response = api.post(
-        "/v1/jobs", headers={**auth(tenant_key), "Content-Type": "application/json"}, content=raw
-    )
+    response = api.post("/v1/jobs", headers={**auth(tenant_key), "Content-Type": "application/json"}, content=raw)
     assert response.status_code == 422
 
 
@@ -193,13 +191,8 @@ def test_cancel_a_queued_job_at_once_and_release_its_reservation(api, tenant_key
 
 
 def test_list_jobs_pages_newest_first_and_filters(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
-    ids = [
-        api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(dataset["id"])).json()["id"]
-        for _ in range(3)
-    ]
-    first = api.get(
-        "/v1/jobs", headers=auth(tenant_key), params={"limit": 2, "dataset_id": dataset["id"]}
-    ).json()
+    ids = [api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(dataset["id"])).json()["id"] for _ in range(3)]
+    first = api.get("/v1/jobs", headers=auth(tenant_key), params={"limit": 2, "dataset_id": dataset["id"]}).json()
     assert [j["id"] for j in first["data"]] == ids[::-1][:2] and first["has_more"]
     second = api.get(
         "/v1/jobs",
@@ -207,9 +200,7 @@ def test_list_jobs_pages_newest_first_and_filters(api, tenant_key: str, dataset:
         params={"limit": 2, "dataset_id": dataset["id"], "after": first["data"][-1]["id"]},
     ).json()
     assert second["data"][0]["id"] == ids[0]
-    queued = api.get("/v1/jobs", headers=auth(tenant_key), params={"status": "queued", "limit": 100}).json()[
-        "data"
-    ]
+    queued = api.get("/v1/jobs", headers=auth(tenant_key), params={"status": "queued", "limit": 100}).json()["data"]
     assert all(j["status"] == "queued" for j in queued)
     assert api.get("/v1/jobs", headers=auth(tenant_key), params={"status": "bogus"}).status_code == 422
 
@@ -233,9 +224,7 @@ def test_plan_solves_a_spec_and_reports_the_curve(api, tenant_key: str) -> None:
 def test_plan_counts_a_datasets_units(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
     base = {"dataset_id": dataset["id"], "batch_size": 10, "max_steps": 50, "noise_multiplier": 1.0}
     records = api.post("/v1/privacy/plan", headers=auth(tenant_key), json=base).json()
-    entities = api.post(
-        "/v1/privacy/plan", headers=auth(tenant_key), json={**base, "entity_column": "user_id"}
-    ).json()
+    entities = api.post("/v1/privacy/plan", headers=auth(tenant_key), json={**base, "entity_column": "user_id"}).json()
     assert records["sampling_probability"] == pytest.approx(10 / 400)
     assert entities["sampling_probability"] == pytest.approx(10 / dataset["num_entities"])
     other = api.post("/v1/privacy/plan", headers=auth(tenant_key), json={**base, "entity_column": "label"})
@@ -329,3 +318,20 @@ def test_prometheus_metrics(api, tenant_key: str) -> None:  # type: ignore[no-un
     text = api.get("/metrics").text
     assert 'dpft_http_requests_total{method="GET",route="/v1/models",status="200"}' in text
     assert 'dpft_jobs{status="queued"}' in text
+
+
+def test_concurrent_requests_with_one_idempotency_key_create_one_job(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    from concurrent.futures import ThreadPoolExecutor
+
+    headers = {**auth(tenant_key), "Idempotency-Key": "concurrent-key"}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        responses = list(
+            pool.map(lambda _: api.post("/v1/jobs", headers=headers, json=job_body(dataset["id"])), range(4))
+        )
+    codes = [r.status_code for r in responses]
+    assert codes.count(201) == 1 and set(codes) <= {200, 201, 409}, codes
+    ids = {r.json()["id"] for r in responses if r.status_code < 300}
+    assert len(ids) == 1
+    for r in responses:
+        if r.status_code == 409:
+            assert "Idempotency-Key" in r.json()["error"]["message"]
