@@ -32,7 +32,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-STEPS = 240
+STEPS = 300
 
 
 def job_request(dataset_id: str, steps: int = STEPS) -> dict:
@@ -117,9 +117,24 @@ def test_sign_in_with_a_wrong_key_fails_visibly(page, postgres_stack) -> None:  
 
 def test_job_page_follows_the_job_live(page, postgres_stack, tenant) -> None:  # type: ignore[no-untyped-def]
     url, job_id = postgres_stack.url, tenant["job"]["id"]
+    from playwright.sync_api import expect
+
+    statuses: list[int] = []
+    page.on("response", lambda r: statuses.append(r.status) if "/metrics?" in r.url else None)
     sign_in(page, url, tenant["key"])
+    # the key is kept in this tab's sessionStorage only: no localStorage, no cookie
     assert page.evaluate("sessionStorage.getItem('dpft.apiKey')") == tenant["key"]
-    page.goto(f"{url}/dashboard/jobs/{job_id}")
+    assert page.evaluate("localStorage.length") == 0 and page.context.cookies() == []
+
+    # The jobs table updates itself while the job runs.
+    row = page.locator(f"#jobs-body tr[data-job-id='{job_id}']")
+    progress = row.locator(".cell-progress .num")
+    page.locator(f"#jobs-body tr[data-job-id='{job_id}'][data-status='running']").wait_for(timeout=90_000)
+    expect(progress).not_to_have_text(f"0 / {STEPS:,}", timeout=90_000)  # the first steps are in
+    first = progress.inner_text()
+    expect(progress).not_to_have_text(first, timeout=20_000)  # and more follow without a reload
+    page.get_by_role("link", name=job_id).click()
+    page.wait_for_url(f"**/dashboard/jobs/{job_id}")
     chart = page.locator("#eps-chart")
     chart.wait_for()
 
@@ -127,12 +142,14 @@ def test_job_page_follows_the_job_live(page, postgres_stack, tenant) -> None:  #
     seen: list[tuple[int, str]] = []
     deadline = time.monotonic() + 150
     shot_taken = False
+    boxes_running = None
     while time.monotonic() < deadline:
         points = int(chart.get_attribute("data-points") or 0)
         status = page.locator("#job-status").get_attribute("data-status") if page.locator("#job-status").count() else ""
         seen.append((points, status or ""))
         if status == "running" and points > STEPS // 3 and not shot_taken:
             shot(page, "job-running")
+            boxes_running = [page.locator(s).bounding_box() for s in ("#eps-chart", "#loss-chart", ".stats")]
             shot_taken = True
         if page.locator("main[data-final='true']").count():
             break
@@ -159,6 +176,8 @@ def test_job_page_follows_the_job_live(page, postgres_stack, tenant) -> None:  #
     assert "Noise multiplier" in plan and "Clip norm" in plan and "Accountant" in plan
     assert page.locator("#events li[data-type='succeeded']").count() == 1
     assert page.locator("#cancel-job").is_hidden()
+    boxes_final = [page.locator(s).bounding_box() for s in ("#eps-chart", "#loss-chart", ".stats")]
+    assert boxes_final == boxes_running, "no layout jump while the data streams in and when the job ends"
     shot(page, "job")
 
     # Downsampling keeps a 100,000-step series to about 2,000 drawn points, quickly.
@@ -168,6 +187,7 @@ def test_job_page_follows_the_job_live(page, postgres_stack, tenant) -> None:  #
         return [d.xs.length, performance.now() - t0]; }"""
     )
     assert drawn <= 2001 and ms < 200, (drawn, ms)
+    print(f"metrics polls: {statuses.count(200)} answered 200, {statuses.count(304)} answered 304")
 
 
 def test_jobs_list_cancel_and_datasets(page, postgres_stack, tenant) -> None:  # type: ignore[no-untyped-def]
@@ -219,6 +239,9 @@ def test_another_tenants_job_is_not_reachable(page, postgres_stack, tenant) -> N
     assert "Job not found" in page.locator("#not-found").inner_text()
     assert page.locator("#eps-chart").count() == 0
     shot(page, "job-other-tenant")
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url("**/dashboard/signin")
+    assert page.evaluate("sessionStorage.length") == 0
 
 
 def test_a_job_with_100000_steps_renders_quickly(browser) -> None:  # type: ignore[no-untyped-def]
