@@ -48,7 +48,10 @@ def job_request(dataset_id: str, steps: int = STEPS) -> dict:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        pytest.fail("the dashboard's browser tests need Playwright for Python: pip install playwright")
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)")
     with sync_api.sync_playwright() as pw:
@@ -253,7 +256,7 @@ def test_a_job_with_100000_steps_renders_quickly(browser) -> None:  # type: igno
     total = 100_000
     curve = [[s, 8.0 * math.sqrt(s / total)] for s in range(0, total + 1, 500)][1:]
     job = {
-        "id": "job_big",
+        "id": "job_5f0c1e2d3a4b5c6d7e8f9a0b",
         "object": "job",
         "status": "succeeded",
         "dataset_id": "ds_big",
@@ -298,9 +301,9 @@ def test_a_job_with_100000_steps_renders_quickly(browser) -> None:  # type: igno
             route.fulfill(body=(static / name).read_bytes(), content_type=types[name.rsplit(".", 1)[1]])
         elif url.path.startswith("/dashboard"):
             route.fulfill(body=(static / "index.html").read_bytes(), content_type="text/html")
-        elif url.path == "/v1/jobs/job_big":
+        elif url.path == "/v1/jobs/job_5f0c1e2d3a4b5c6d7e8f9a0b":
             route.fulfill(json=job)
-        elif url.path == "/v1/jobs/job_big/metrics":
+        elif url.path == "/v1/jobs/job_5f0c1e2d3a4b5c6d7e8f9a0b/metrics":
             since, limit = int(q.get("since_step", 0)), int(q.get("limit", 1000))
             metric_requests.append(since)
             steps = range(since + 1, min(total, since + limit) + 1)
@@ -323,19 +326,21 @@ def test_a_job_with_100000_steps_renders_quickly(browser) -> None:  # type: igno
                     "note": "loss is not covered",
                 }
             )
-        elif url.path.startswith("/v1/jobs/job_big/"):
+        elif url.path.startswith("/v1/jobs/job_5f0c1e2d3a4b5c6d7e8f9a0b/"):
             route.fulfill(json={"object": "list", "data": [], "has_more": False})
+        elif url.path == "/v1/jobs":
+            route.fulfill(json={"object": "list", "data": [job], "has_more": False})
         elif url.path == "/v1/datasets":
             route.fulfill(json={"object": "list", "data": [{"id": "ds_big", "name": "big"}], "has_more": False})
         else:
             route.fulfill(status=404, json={"error": {"code": "not_found", "message": "no", "param": None}})
 
-    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    context = browser.new_context(viewport={"width": 1280, "height": 800})  # a small laptop
     try:
         context.add_init_script("sessionStorage.setItem('dpft.apiKey', 'dpft_synthetic')")
         context.route("http://dashboard.test/**", handle)
         page = context.new_page()
-        page.goto("http://dashboard.test/dashboard/jobs/job_big")
+        page.goto("http://dashboard.test/dashboard/jobs/job_5f0c1e2d3a4b5c6d7e8f9a0b")
         page.locator("main[data-final='true']").wait_for(timeout=60_000)
         assert page.locator("#eps-chart").get_attribute("data-points") == str(total)
         assert page.locator("#step-value").inner_text() == "100,000"
@@ -347,5 +352,11 @@ def test_a_job_with_100000_steps_renders_quickly(browser) -> None:  # type: igno
         assert render_ms < 250, f"drawing both charts from 100,000 points took {render_ms} ms"
         print(f"100,000-step job: both charts drawn in {render_ms} ms, {drawn} points in the epsilon path")
         shot(page, "job-100k-steps")
+        page.goto("http://dashboard.test/dashboard/")
+        page.locator("#jobs-body tr[data-job-id='job_5f0c1e2d3a4b5c6d7e8f9a0b']").wait_for()
+        assert "100,000 / 100,000" in page.locator("#jobs-body tr").inner_text()
+        table = page.locator("#jobs-table").bounding_box()
+        assert table["x"] + table["width"] <= 1280, "the jobs table fits a 1280-pixel-wide screen"
+        shot(page, "jobs-1280")
     finally:
         context.close()
