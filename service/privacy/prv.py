@@ -318,7 +318,8 @@ class PRVComposer:
         tens of times the error measured against a long-double composition)."""
         return steps * np.finfo(float).eps * abs_spec_sum
 
-    def bounds(self, delta: float, steps: int, eps_error: float | None = None) -> tuple[float, float, float]:
+    def bounds(self, delta: float, steps: int, eps_error: float | None = None,
+               upper_only: bool = False) -> tuple[float, float, float]:
         """(lower, estimate, upper) epsilon after ``steps`` compositions.
 
         delta allowance = delta_error + steps * tail_mass (single-step mass cut above the
@@ -330,7 +331,7 @@ class PRVComposer:
         base_allow = self.delta_error + steps * self.dprv.tail_mass
         K = self._kept(steps)
         if 0 <= K <= min(self.SPECTRAL_MAX_K, self.n // 16):
-            return self._bounds_spectral(delta, steps, K, base_allow, eps_error)
+            return self._bounds_spectral(delta, steps, K, base_allow, eps_error, upper_only)
         spec = self._spectrum(steps)
         a = np.abs(spec)
         abs_sum = float(a[0] + 2 * a[1:].sum() - (a[-1] if self.n % 2 == 0 else 0.0))
@@ -339,7 +340,7 @@ class PRVComposer:
         return epsilon_from_pmf(self._ts(steps), p, delta, allow, eps_error)
 
     def _bounds_spectral(self, delta: float, steps: int, K: int, base_allow: float,
-                         eps_error: float) -> tuple[float, float, float]:
+                         eps_error: float, upper_only: bool = False) -> tuple[float, float, float]:
         n, h = self.n, self.dprv.mesh
         k = np.arange(K + 1, dtype=np.int64)
         c = self._spectrum(steps, K)
@@ -394,6 +395,8 @@ class PRVComposer:
             return base + hi * h + math.log((d1 - target) / d2)
 
         upper = find(delta - allow) + eps_error
+        if upper_only:
+            return math.nan, math.nan, upper
         lower = find(delta + allow) - eps_error
         est = find(delta)
         return lower, est, upper
@@ -403,7 +406,7 @@ class PRVComposer:
 
     def upper_many(self, delta: float, steps_list) -> list[float]:
         """Upper bounds at several step counts (each exactly as :meth:`epsilon_bounds`)."""
-        return [self.bounds(delta, int(s))[2] for s in steps_list]
+        return [self.bounds(delta, int(s), upper_only=True)[2] for s in steps_list]
 
 
 def epsilon_from_pmf(ts: np.ndarray, p: np.ndarray, delta: float, delta_error: float,

@@ -215,7 +215,7 @@ def test_limit_message_names_the_fix():
 
 
 @pytest.mark.slow
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     log_n=st.floats(min_value=3, max_value=7),
     log_q=st.floats(min_value=-4, max_value=math.log10(0.5)),
@@ -236,3 +236,16 @@ def test_property_solved_sigma_meets_target_and_is_tight(log_n, log_q, log_steps
     assert _eps(plan.noise_multiplier, plan) == plan.epsilon
     if plan.noise_multiplier > privacy.SIGMA_MIN:
         assert _eps(plan.noise_multiplier * 0.99, plan) > target
+
+
+@pytest.mark.slow
+def test_tracker_is_cheap_per_step():
+    import time
+
+    plan = plan_privacy(num_units=50_000, batch_size=500, epochs=30, target_epsilon=8.0)
+    tracker = EpsilonTracker.for_plan(plan)
+    start = time.perf_counter()
+    eps = [tracker.epsilon(t) for t in range(1, plan.steps + 1)]
+    per_step = (time.perf_counter() - start) / plan.steps
+    assert per_step < 0.025  # a few ms on a 2-core CPU, with generous headroom for a loaded machine
+    assert eps[-1] == plan.epsilon and all(np.diff(eps) > 0)
