@@ -62,6 +62,8 @@ def prv_composer(noise_multiplier: float, sampling_probability: float, max_steps
 
 def _prv_upper(composer: _prv.PRVComposer, steps: int, delta: float) -> float:
     _, _, upper = composer.epsilon_bounds(delta, steps)
+    if not math.isfinite(upper):
+        raise _prv.PRVUnavailable("the PRV accountant's epsilon overflowed (noise far too small)")
     return max(upper, 0.0)
 
 

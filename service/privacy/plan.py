@@ -206,6 +206,10 @@ def plan_privacy(*, num_units: int, batch_size: int, epochs: float | None = None
 
     if noise_multiplier is not None:
         sigma = _require_positive(noise_multiplier, "noise_multiplier")
+        if sigma > SIGMA_MAX:
+            raise InfeasiblePrivacySpec(
+                f"noise_multiplier {sigma:g} exceeds the solver's limit of {SIGMA_MAX:g}; use at most {SIGMA_MAX:g}",
+                "noise_multiplier")
         return _plan_for_sigma(sigma, q, steps, delta, accountant, None, num_units, batch_size,
                                curve_points=curve_points)
 

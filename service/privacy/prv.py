@@ -421,9 +421,12 @@ def epsilon_from_pmf(ts: np.ndarray, p: np.ndarray, delta: float, delta_error: f
     s0 = max(int(np.searchsorted(ts, 0.0)) - 1, 0)
     ts = ts[s0:]
     p = p[s0:]
-    d1 = np.cumsum(p[::-1])[::-1]
-    d2 = np.cumsum((p * np.exp(-ts))[::-1])[::-1]
-    ndelta = np.exp(ts) * d2 - d1
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        d1 = np.cumsum(p[::-1])[::-1]
+        d2 = np.cumsum((p * np.exp(-ts))[::-1])[::-1]
+        ndelta = np.exp(ts) * d2 - d1
+    if not np.all(np.isfinite(ndelta)):
+        raise PRVUnavailable("epsilon too large for the PRV accountant's floating-point range")
 
     def find(delta_target: float) -> float:
         i = int(np.searchsorted(ndelta, -delta_target, side="left"))

@@ -96,6 +96,12 @@ def test_tight_within_one_percent_of_tight_prv():
     assert tight <= plan.noise_multiplier <= 1.01 * tight
 
 
+def test_tiny_noise_multiplier_falls_back_to_a_finite_rdp_epsilon():
+    plan = plan_privacy(num_units=1000, batch_size=10, max_steps=100, noise_multiplier=0.05)
+    assert plan.fell_back and plan.accountant == "rdp"
+    assert math.isfinite(plan.epsilon) and plan.epsilon > 100
+
+
 def test_noise_multiplier_reports_epsilon():
     plan = plan_privacy(num_units=60_000, batch_size=256, epochs=2, noise_multiplier=1.1)
     assert plan.target_epsilon is None and plan.noise_multiplier == 1.1
@@ -194,6 +200,7 @@ REFUSALS = [
     (dict(num_units=1000, batch_size=10, max_steps=10**8, target_epsilon=1.0), "max_steps", "more than the limit"),
     (dict(num_units=1000, batch_size=10, epochs=1, target_epsilon=1.0, accountant="gdp"), "accountant", "'prv'"),
     (dict(num_units="many", batch_size=10, epochs=1, target_epsilon=1.0), "num_units", "integer"),
+    (dict(num_units=1000, batch_size=10, epochs=1, noise_multiplier=500.0), "noise_multiplier", "solver's limit"),
 ]
 
 
