@@ -97,8 +97,9 @@ def baseline_grid(target: float, steps: int, delta: float, eps_error: float) -> 
     return 2 * (2 * target + 3) * math.sqrt(steps * math.log(12 / (delta / 1000)) / 2) / eps_error
 
 
-def tight_sigma(target: float, q: float, steps: int, delta: float) -> float:
-    """Smallest sigma whose PRV *estimate* on a fine grid (eps_error = target/1000) is <= target."""
+def tight_sigma(target: float, q: float, steps: int, delta: float, near: float) -> float:
+    """Smallest sigma whose PRV *estimate* on a fine grid (eps_error = target/1000) is <= target,
+    searched near ``near`` (dpft's answer)."""
     from scipy.optimize import brentq
 
     def f(s):
@@ -106,7 +107,12 @@ def tight_sigma(target: float, q: float, steps: int, delta: float) -> float:
                            eps_error=target / 1000, delta_error=delta / 1000)
         return comp.epsilon_bounds(delta, steps)[1] - target
 
-    return brentq(f, 0.3, 100.0, xtol=1e-5, rtol=1e-5)
+    lo, hi = near * 0.97, near * 1.001
+    while f(lo) < 0:
+        lo *= 0.97
+    while f(hi) > 0:
+        hi *= 1.01
+    return brentq(f, lo, hi, xtol=1e-6, rtol=1e-5)
 
 
 def main() -> None:
@@ -150,7 +156,7 @@ def main() -> None:
                                               sample_rate=q, steps=steps, accountant="rdp",
                                               epsilon_tolerance=0.01), args.limit)
         if args.tight and plan is not None and steps <= 20_000:
-            row["tight"] = _time(partial(tight_sigma, eps, q, steps, d), args.limit)
+            row["tight"] = _time(partial(tight_sigma, eps, q, steps, d, plan.noise_multiplier), args.limit)
         rows.append(row)
         _print_row(row, args)
         sys.stdout.flush()
