@@ -24,8 +24,11 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("dpft", broker=settings.resolved_broker_url)
     # (kombu's SQLAlchemy transport hands its options to create_engine, so it gets none.)
     transport_options: dict[str, object] = {}
-    if settings.broker_key_prefix and settings.resolved_broker_url.startswith("redis"):
-        transport_options["global_keyprefix"] = settings.broker_key_prefix
+    if settings.resolved_broker_url.startswith("redis"):
+        # Recovery is the heartbeat sweeper's job, not Redis re-delivering a long task while it runs.
+        transport_options["visibility_timeout"] = max(settings.task_time_limit_s * 2, 7 * 24 * 3600)
+        if settings.broker_key_prefix:
+            transport_options["global_keyprefix"] = settings.broker_key_prefix
     app.conf.update(
         task_default_queue=QUEUE,
         task_routes={TRAIN_TASK: {"queue": QUEUE}},
@@ -33,6 +36,11 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=False,
         task_time_limit=settings.task_time_limit_s,
+        # The soft limit ends the job in a recorded terminal state (reason time_limit, epsilon spent
+        # charged) before the hard limit kills the child.
+        task_soft_time_limit=max(1, settings.task_time_limit_s - max(30, settings.task_time_limit_s // 20)),
+        # A broker connection lost (Redis restart) must not stop a job that is training.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=1,
         worker_hijack_root_logger=False,

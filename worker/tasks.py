@@ -7,25 +7,34 @@ conditional update. Celery only delivers the job id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from celery import signals
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 
 from service.artifacts import get_artifact_store
 from service.datasets import load_records
 from service.db import session_scope
 from service.jobs import add_event
-from service.models import Dataset, Job, JobStatus, PrivacyLedgerEntry, utcnow
+from service.models import Dataset, Job, JobStatus, utcnow
 from service.queue import TRAIN_TASK, get_celery
 from service.settings import get_settings
-from worker.metrics import MetricRow, MetricsWriter
+from worker.metrics import LeaseLost, MetricRow, MetricsWriter
+from worker.sweeper import SweeperThread, send, settle_ledger
 
 logger = logging.getLogger(__name__)
 app = get_celery()
@@ -35,6 +44,11 @@ ACTIVE = (JobStatus.running, JobStatus.cancelling)
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+#: Set in the pool child by SIGTERM (warm shutdown): checkpoint, hand the job back, return.
+SHUTDOWN = threading.Event()
+_sweeper: SweeperThread | None = None
 
 
 def claim(job_id: str, name: str) -> bool:
@@ -81,12 +95,7 @@ def finish(
         if not done:
             logger.warning("job %s was no longer held by %s; not marking it %s", job_id, name, status)
             return
-        spent = session.scalar(select(Job.epsilon).where(Job.id == job_id))
-        session.execute(
-            update(PrivacyLedgerEntry)
-            .where(PrivacyLedgerEntry.job_id == job_id)
-            .values(epsilon=spent, state="spent")
-        )
+        spent = settle_ledger(session, job_id)
         add_event(session, job_id, status.value, message, epsilon=spent, stop_reason=stop_reason)
 
 
@@ -126,9 +135,104 @@ def engine_spec(job: Job, dataset: Dataset) -> dict[str, Any]:
     return spec
 
 
-def run_job(job_id: str, name: str) -> None:
-    from worker.engine import TrainingConfig, train  # torch is imported only here, in the child
+class Attempt:
+    """One worker's attempt at one job: what it has reported so far, and why it should stop."""
 
+    def __init__(self, job_id: str, name: str) -> None:
+        settings = get_settings()
+        self.job_id = job_id
+        self.name = name
+        self.step = 0
+        self.epsilon = 0.0
+        self.writer = MetricsWriter(
+            job_id, settings.metrics_flush_s, worker=name, max_outage_s=settings.metrics_max_outage_s
+        )
+
+    def stop_reason(self) -> str | None:
+        """Why training should stop before its next step (None: go on)."""
+        if self.writer.lease_lost:
+            return "lease_lost"
+        if self.writer.cancel_requested:
+            return "cancelled"
+        if SHUTDOWN.is_set():
+            return "shutdown"
+        if self.writer.outage_exceeded:
+            return "metrics_outage"
+        return None
+
+
+@contextlib.contextmanager
+def durable_checkpoints(attempt: Attempt) -> Iterator[None]:
+    """Make every checkpoint follow its metrics into the database, and checkpoint at a stop.
+
+    A checkpoint is where the next attempt resumes, so every step up to it must already have its
+    metrics row: rows are flushed (synchronously) before each save, and a save whose flush fails
+    (the database is away) is skipped. When training stops early (shutdown, cancel) a checkpoint
+    is taken at that step, so a hand-back loses no work.
+
+    The engine's ``train()`` takes no Trainer callbacks, so this wraps its ``build_trainer`` for
+    the duration (the pool child runs one task). An engine option such as ``callbacks=`` or
+    ``checkpoint_on_stop=True`` would replace this.
+    """
+    from transformers import TrainerCallback
+
+    from worker.engine import run as engine_run
+
+    writer = attempt.writer
+
+    class DurableCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            if attempt.stop_reason() is not None and args.save_strategy != "no":
+                control.should_save = True
+            if control.should_save:
+                try:
+                    writer.flush()
+                except Exception as exc:
+                    control.should_save = False
+                    logger.warning("job=%s: no checkpoint at step %d (%s)", attempt.job_id, state.global_step, exc)
+            return control
+
+    original = engine_run.build_trainer
+
+    def build_trainer(*args: Any, **kwargs: Any) -> Any:
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(DurableCheckpoints())
+        return trainer
+
+    engine_run.build_trainer = build_trainer
+    try:
+        yield
+    finally:
+        engine_run.build_trainer = original
+
+
+def hand_back(job_id: str, name: str, step: int) -> bool:
+    """Put a job this worker holds back in the queue (warm shutdown) and send it again."""
+    with session_scope() as session:
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.worker == name, Job.status == JobStatus.running)
+            .values(status=JobStatus.queued, worker=None)
+        ).rowcount
+        if done:
+            add_event(
+                session,
+                job_id,
+                "requeued",
+                f"Worker {name} is shutting down: checkpoint at step {step}, job handed back to the queue.",
+                reason="worker_shutdown",
+                step=step,
+            )
+    if done:
+        send(job_id)
+    return bool(done)
+
+
+def run_job(attempt: Attempt, attempt_number: int) -> None:
+    from worker.engine import TrainingConfig, train  # torch is imported only here, in the child
+    from worker.engine.trainer import latest_checkpoint
+
+    job_id, name, writer = attempt.job_id, attempt.name, attempt.writer
     settings = get_settings()
     with session_scope() as session:
         job = session.get(Job, job_id)
@@ -139,8 +243,29 @@ def run_job(job_id: str, name: str) -> None:
     config = TrainingConfig.from_job(engine_spec(job, dataset), job.plan)
     output_dir = store.path(f"jobs/{job_id}")
     output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_checkpoint(output_dir)
+    if attempt_number > 1:
+        with session_scope() as session:
+            if checkpoint is not None:
+                from_step = int(checkpoint.name.rsplit("-", 1)[-1])
+                add_event(
+                    session,
+                    job_id,
+                    "resumed",
+                    f"Attempt {attempt_number} resumes from the checkpoint at step {from_step}; epsilon continues.",
+                    from_step=from_step,
+                    attempt=attempt_number,
+                )
+            else:
+                add_event(
+                    session,
+                    job_id,
+                    "restarted",
+                    f"Attempt {attempt_number} found no checkpoint and starts from step 0.",
+                    attempt=attempt_number,
+                )
 
-    with MetricsWriter(job_id, settings.metrics_flush_s) as writer:
+    with writer, durable_checkpoints(attempt):
 
         def on_step(report: Any) -> None:
             writer.record(
@@ -152,17 +277,44 @@ def run_job(job_id: str, name: str) -> None:
                     timestamp=datetime.fromtimestamp(report.timestamp, UTC),
                 )
             )
-            logger.info(
-                "job=%s step=%d/%d epsilon=%.4f", job_id, report.step, job.total_steps, report.epsilon
-            )
+            attempt.step, attempt.epsilon = report.step, max(attempt.epsilon, report.epsilon)
+            logger.info("job=%s step=%d/%d epsilon=%.4f", job_id, report.step, job.total_steps, report.epsilon)
 
         outcome = train(
-            config, records, output_dir, on_step=on_step, should_stop=lambda: writer.cancel_requested
+            config,
+            records,
+            output_dir,
+            on_step=on_step,
+            should_stop=lambda: attempt.stop_reason() is not None,
+            resume_from=output_dir if checkpoint is not None else None,
+            checkpoint_every=settings.checkpoint_every,
         )
-        writer.flush()  # everything recorded must be in the database before the job can succeed
+        attempt.step, attempt.epsilon = outcome.steps, max(attempt.epsilon, outcome.epsilon)
+        reason = attempt.stop_reason() if outcome.stop_reason == "cancelled" else None
+        if reason == "lease_lost":
+            logger.warning("job=%s was taken from %s while it trained; leaving it to its new holder", job_id, name)
+            return
+        # Everything recorded must be in the database before the job can end (or be handed back).
+        writer.flush_until(settings.metrics_max_outage_s)
 
+    if reason == "shutdown":
+        if hand_back(job_id, name, outcome.steps):
+            logger.warning("job=%s handed back at step %d (worker shutdown)", job_id, outcome.steps)
+            return
+        reason = attempt.stop_reason() or "cancelled"  # not running any more: a cancel came in meanwhile
     write_privacy_report(job, output_dir, outcome.steps, outcome.epsilon)
-    if outcome.stop_reason == "cancelled":
+    if reason == "metrics_outage":
+        finish(
+            job_id,
+            name,
+            JobStatus.failed,
+            epsilon=outcome.epsilon,
+            stop_reason="metrics_outage",
+            error=f"metrics could not be written for over {settings.metrics_max_outage_s:g} s",
+            message=f"Failed: the database was unreachable for over {settings.metrics_max_outage_s:g} s; "
+            f"stopped after {outcome.steps} steps at epsilon {outcome.epsilon:.4f}.",
+        )
+    elif outcome.stop_reason == "cancelled":
         finish(
             job_id,
             name,
@@ -182,21 +334,116 @@ def run_job(job_id: str, name: str) -> None:
         )
 
 
+def failure_reason(exc: BaseException) -> str | None:
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "time_limit"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return "out_of_memory"
+    return None
+
+
 @app.task(name=TRAIN_TASK)
 def train_job(job_id: str) -> None:
+    # Celery's pool child exits at once on SIGTERM (billiard installs a handler that raises
+    # SystemExit after Celery's initializer): catch it here instead, in the task, so that training
+    # checkpoints and hands the job back (warm shutdown).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     name = worker_name()
     if not claim(job_id, name):
         logger.info("job %s is not queued (already claimed, finished or cancelled); nothing to do", job_id)
         return
-    logger.info("job=%s claimed by %s", job_id, name)
+    with session_scope() as session:
+        attempt_number = session.scalar(select(Job.attempt).where(Job.id == job_id)) or 1
+    logger.info("job=%s claimed by %s (attempt %d)", job_id, name, attempt_number)
+    attempt = Attempt(job_id, name)
+    attempt.writer.start()  # the heartbeat starts now, before torch is imported and the model loaded
     try:
-        run_job(job_id, name)
-    except Exception as exc:
+        run_job(attempt, attempt_number)
+    except LeaseLost:
+        logger.warning("job=%s was taken from %s; leaving it to its new holder", job_id, name)
+    except BaseException as exc:
+        attempt.writer.__exit__(None, None, None)  # stop the heartbeat, write what is left
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
         logger.exception("job=%s failed", job_id)
+        reason = failure_reason(exc)
+        what = {"time_limit": "time limit reached", "out_of_memory": "out of memory"}.get(reason or "", "")
+        error = f"{type(exc).__name__}: {exc}" if not what else f"{what} ({type(exc).__name__}: {exc})"
         finish(
             job_id,
             name,
             JobStatus.failed,
-            error=f"{type(exc).__name__}: {exc}",
-            message=f"Failed: {type(exc).__name__}: {exc}",
+            epsilon=attempt.epsilon or None,
+            stop_reason=reason,
+            error=error,
+            message=f"Failed after {attempt.step} steps at epsilon {attempt.epsilon:.4f}: {error}",
         )
+
+
+# ---- worker process life cycle ----------------------------------------------------------
+
+
+def check_gpu() -> str:
+    """The CUDA device a worker would train on, asked of a fresh interpreter (so that CUDA is
+    never initialised in the parent, which forks the pool children). Raises when there is none."""
+    probe = (
+        "import torch, sys\n"
+        "if not torch.cuda.is_available(): sys.exit('torch sees no CUDA device (torch ' + torch.__version__ + ', "
+        "built for CUDA ' + str(torch.version.cuda) + ')')\n"
+        "print(torch.cuda.get_device_name(0))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(
+            (result.stderr or result.stdout).strip().splitlines()[-1] if (result.stderr or result.stdout) else "no GPU"
+        )
+    return result.stdout.strip()
+
+
+@signals.worker_init.connect
+def _check_gpu_at_start(**_: Any) -> None:
+    if not get_settings().require_gpu:
+        return
+    try:
+        device = check_gpu()
+    except Exception as exc:
+        logger.critical("DPFT_REQUIRE_GPU is set but this worker has no usable GPU: %s", exc)
+        raise SystemExit(f"dpft worker: DPFT_REQUIRE_GPU is set but no usable GPU: {exc}") from None
+    logger.info("GPU check passed: %s", device)
+
+
+@signals.worker_ready.connect
+def _start_sweeper(**_: Any) -> None:
+    global _sweeper
+    if get_settings().sweep_interval_s > 0 and _sweeper is None:
+        _sweeper = SweeperThread()
+        _sweeper.start()
+
+
+@signals.worker_shutting_down.connect
+def _forward_warm_shutdown(how: str = "", **_: Any) -> None:
+    """A warm shutdown (SIGTERM to the main process) waits for the running task; tell the pool
+    children, so that training checkpoints and hands its job back instead of running for hours."""
+    if _sweeper is not None:
+        _sweeper.stop()
+    if how != "Warm":
+        return
+    from billiard.process import active_children
+
+    for child in active_children():
+        with contextlib.suppress(OSError):
+            os.kill(child.pid, signal.SIGTERM)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    SHUTDOWN.set()
+
+
+@signals.worker_process_init.connect
+def _init_pool_child(**_: Any) -> None:
+    # Connections the parent's sweeper opened must not be shared with a forked child.
+    from service.db import get_engine
+
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
