@@ -344,11 +344,24 @@
       return active ? 2000 : 10000;
     }
 
+    let rowsById = new Map(); // id -> {json, tr}: only rows whose job changed are rebuilt (keeps focus and hover)
     function render(jobs) {
       const unknownDataset = jobs.some((j) => !datasetNames.has(j.dataset_id));
       if (unknownDataset) namesAt = 0;
-      clear(tbody);
-      for (const job of jobs) tbody.append(jobRow(job));
+      const next = new Map();
+      let before = null;
+      for (let i = jobs.length - 1; i >= 0; i -= 1) {
+        const job = jobs[i];
+        const json = JSON.stringify(job) + (datasetNames.get(job.dataset_id) || "");
+        const old = rowsById.get(job.id);
+        const tr = old && old.json === json ? old.tr : jobRow(job);
+        if (old && old.tr !== tr) old.tr.replaceWith(tr);
+        if (tr.nextSibling !== before || tr.parentNode !== tbody) tbody.insertBefore(tr, before);
+        next.set(job.id, { json, tr });
+        before = tr;
+      }
+      for (const [id, { tr }] of rowsById) if (!next.has(id)) tr.remove();
+      rowsById = next;
       empty.hidden = jobs.length > 0;
       empty.textContent = status
         ? `No ${status} jobs.`
@@ -771,6 +784,9 @@
         { name: "actual", cls: "s-actual", xs: [0, ...m.steps], ys: [0, ...m.eps] },
       ], job.target_epsilon != null ? [{ name: "target", cls: "s-target", y: job.target_epsilon }] : []);
       epsFigure.dataset.points = String(m.steps.length);
+      epsChart.svg.setAttribute("aria-label", m.steps.length
+        ? `Privacy spent: epsilon ${fmtEps(m.eps[m.eps.length - 1])} after step ${fmtInt(m.steps[m.steps.length - 1])} of ${fmtInt(job.total_steps)}; planned ${fmtEps(job.plan.epsilon)}${job.target_epsilon != null ? `, target ${fmtEps(job.target_epsilon)}` : ""}`
+        : `Privacy spent: no steps yet; planned epsilon ${fmtEps(job.plan.epsilon)} over ${fmtInt(job.plan.steps)} steps`);
       epsFigure.dataset.lastEpsilon = m.eps.length ? String(m.eps[m.eps.length - 1]) : "";
 
       let lo = Infinity; let hi = -Infinity;
