@@ -52,7 +52,7 @@ def prv_errors(noise_multiplier: float, sampling_probability: float, max_steps: 
     return eps_error, PRV_RELATIVE_DELTA_ERROR * delta
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)
 def prv_composer(noise_multiplier: float, sampling_probability: float, max_steps: int,
                  delta: float) -> _prv.PRVComposer:
     eps_error, delta_error = prv_errors(noise_multiplier, sampling_probability, max_steps, delta)

@@ -242,7 +242,6 @@ class PRVComposer:
         self._F = F
         self._logF_full: np.ndarray | None = None
         self._logF_head: np.ndarray | None = None  # log F on a prefix of frequencies
-        self._arange = np.arange(self.n, dtype=float)
         self._suffix_max: np.ndarray | None = None
 
     # -- composition ------------------------------------------------------------------------------
@@ -269,7 +268,7 @@ class PRVComposer:
         return t_min + steps * self.dprv.shift - self._recentre(steps) * self.dprv.mesh
 
     def _ts(self, steps: int) -> np.ndarray:
-        return self._base(steps) + self._arange * self.dprv.mesh
+        return self._base(steps) + np.arange(self.n, dtype=float) * self.dprv.mesh
 
     def _log_spectrum(self, kmax: int | None) -> np.ndarray:
         """log F on frequencies [0, kmax] (all when None); computed once per prefix length and cached
