@@ -37,6 +37,19 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 SAMPLE = Path(str(resources.files("service.data") / "sample.jsonl"))
 PG_STOP = ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "stop", "-m", "fast"]
 PG_START = ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "start"]
+REDIS_START = [
+    "redis-server",
+    "--daemonize",
+    "yes",
+    "--bind",
+    "127.0.0.1",
+    "--port",
+    "6379",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+]
 
 
 def create_key(database_url: str, tenant: str) -> str:
