@@ -94,14 +94,26 @@ def _bracket_and_search(f: Callable[[float], float], guess_lo: float, guess_hi: 
 
 
 def solve_rdp(target: float, q: float, steps: int, delta: float, orders=None, rtol: float = RTOL) -> float | None:
-    """Smallest sigma (to RTOL) whose RDP epsilon is <= target (over ``orders``, default all)."""
-    def f(sigma: float) -> float:
-        eps = rdp_epsilon(noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta, orders=orders)
-        return math.log(max(eps, 1e-300) / target)
+    """Smallest sigma (to rtol) whose RDP epsilon is <= target (over ``orders``, default all).
+
+    With all orders, a first pass over the (cheap) integer orders brackets the answer: adding the
+    fractional orders can only lower epsilon, so the answer is at most the integer-order sigma.
+    """
+    def f_for(ords):
+        def f(sigma: float) -> float:
+            eps = rdp_epsilon(noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta,
+                              orders=ords)
+            return math.log(max(eps, 1e-300) / target)
+        return f
 
     # Gaussian-mechanism-like first guess: eps ~ q sqrt(T log(1/delta)) / sigma
     guess = q * math.sqrt(2 * steps * math.log(1 / delta)) / target
-    return _bracket_and_search(f, guess / 1.5, guess, rtol=rtol)
+    if orders is not None:
+        return _bracket_and_search(f_for(orders), guess / 1.5, guess, rtol=rtol)
+    sigma_int = _bracket_and_search(f_for(_INT_ORDERS), guess / 1.5, guess, rtol=min(rtol, 1e-3))
+    if sigma_int is None:
+        return _bracket_and_search(f_for(None), guess / 1.5, guess, rtol=rtol)
+    return _bracket_and_search(f_for(None), sigma_int / 1.02, sigma_int, rtol=rtol)
 
 
 # The coarse model runs the PRV accountant on a grid COARSE times coarser than the final one.
