@@ -776,9 +776,11 @@
       const t0 = performance.now();
       const x1 = Math.max(job.total_steps, job.plan.steps || 0, m.steps.length ? m.steps[m.steps.length - 1] : 0, 1);
       const plan = (job.plan.curve || []).filter((pt) => Array.isArray(pt));
-      const planXs = [0, ...plan.map((pt) => pt[0])];
-      const planYs = [0, ...plan.map((pt) => pt[1])];
-      const maxEps = Math.max(job.target_epsilon || 0, job.plan.epsilon || 0, m.eps.length ? m.eps[m.eps.length - 1] : 0, ...planYs);
+      // The solver's curve is sampled (≤ ~200 points); it is drawn from its first point, since a straight
+      // segment from (0, 0) would misstate the steep start of a concave epsilon curve.
+      const planXs = plan.map((pt) => pt[0]);
+      const planYs = plan.map((pt) => pt[1]);
+      const maxEps = Math.max(job.target_epsilon || 0, job.plan.epsilon || 0, m.eps.length ? m.eps[m.eps.length - 1] : 0, ...planYs, 0);
       epsChart.draw({ x0: 0, x1, y0: 0, y1: niceMax(maxEps * 1.05) }, [
         { name: "plan", cls: "s-plan", xs: planXs, ys: planYs },
         { name: "actual", cls: "s-actual", xs: [0, ...m.steps], ys: [0, ...m.eps] },
