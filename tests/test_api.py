@@ -148,13 +148,34 @@ def test_non_finite_numbers_are_422(api, tenant_key: str, dataset: dict) -> None
     assert response.status_code == 422
 
 
-def test_other_tenants_objects_are_404(api, tenant_key: str, other_tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+def test_other_tenants_objects_are_404_in_every_endpoint(
+    api, tenant_key: str, other_tenant_key: str, dataset: dict
+) -> None:  # type: ignore[no-untyped-def]
     job = api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(dataset["id"])).json()
     other = auth(other_tenant_key)
-    assert api.get(f"/v1/datasets/{dataset['id']}", headers=other).status_code == 404
-    assert api.get(f"/v1/jobs/{job['id']}", headers=other).status_code == 404
-    assert api.get(f"/v1/jobs/{job['id']}/metrics", headers=other).status_code == 404
-    assert api.post("/v1/jobs", headers=other, json=job_body(dataset["id"])).status_code == 404
+    ds, jb = dataset["id"], job["id"]
+    requests = [
+        ("GET", f"/v1/datasets/{ds}", None),
+        ("PATCH", f"/v1/datasets/{ds}", {"name": "mine now"}),
+        ("DELETE", f"/v1/datasets/{ds}", None),
+        ("GET", f"/v1/datasets/{ds}/ledger", None),
+        ("POST", "/v1/jobs", job_body(ds)),
+        ("POST", "/v1/privacy/plan", {"dataset_id": ds, "batch_size": 8, "max_steps": 10, "noise_multiplier": 1.0}),
+        ("GET", f"/v1/jobs/{jb}", None),
+        ("POST", f"/v1/jobs/{jb}/cancel", None),
+        ("GET", f"/v1/jobs/{jb}/metrics", None),
+        ("GET", f"/v1/jobs/{jb}/events", None),
+        ("GET", f"/v1/jobs/{jb}/stream", None),
+        ("GET", f"/v1/jobs/{jb}/artifacts", None),
+        ("GET", f"/v1/jobs/{jb}/artifacts/privacy_report.json", None),
+    ]
+    for method, path, body in requests:
+        response = api.request(method, path, headers=other, json=body)
+        assert response.status_code == 404, (method, path, response.status_code)
+        assert response.json()["error"]["code"] == "not_found"
+    assert jb not in {j["id"] for j in api.get("/v1/jobs", headers=other).json()["data"]}
+    assert ds not in {d["id"] for d in api.get("/v1/datasets", headers=other).json()["data"]}
+    assert api.get(f"/v1/jobs/{jb}", headers=auth(tenant_key)).json()["status"] == "queued", "nothing changed"
 
 
 def test_idempotency_key_returns_the_same_job(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
