@@ -307,7 +307,8 @@
       status = select.value;
       const q = new URLSearchParams(location.search);
       if (status) q.set("status", status); else q.delete("status");
-      history.replaceState(null, "", `${location.pathname}${q.size ? `?${q}` : ""}`);
+      const qs = q.toString();
+      history.replaceState(null, "", `${location.pathname}${qs ? `?${qs}` : ""}`);
       lastJson = "";
       refresh();
     });
