@@ -21,6 +21,7 @@ from service.errors import InvalidRequest, PayloadTooLarge
 
 FORMATS = ("jsonl", "csv", "parquet")
 PARQUET_BATCH_ROWS = 1024
+MAX_PROBLEMS = 20
 CHUNK = 1 << 20
 
 
@@ -76,7 +77,10 @@ def copy_limited(source: BinaryIO, target: BinaryIO, max_bytes: int) -> tuple[in
     return size, digest.hexdigest()
 
 
-def iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+Row = tuple[int, dict[str, Any] | None, str | None]  # (line or row number, record, problem)
+
+
+def iter_parquet(path: Path) -> Iterator[Row]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -86,41 +90,51 @@ def iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
             for record in batch.to_pylist():
                 number += 1
-                yield number, record
+                yield number, record, None
     except (pa.ArrowException, OSError) as exc:
         raise DatasetInvalid(f"The file is not readable as Parquet: {exc}.", param="file") from None
 
 
-def iter_records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line or row number, record); raises DatasetInvalid with the position of a bad one."""
-    if fmt == "parquet":
-        yield from iter_parquet(path)
-        return
+def iter_jsonl(path: Path) -> Iterator[Row]:
+    with path.open("rb") as raw:
+        for number, line in enumerate(raw, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, None, f"line {number} is not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8"
+                continue
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield number, None, f"line {number} is not valid JSON: {exc.msg} (column {exc.colno})"
+                continue
+            if isinstance(record, dict):
+                yield number, record, None
+            else:
+                yield number, None, f"line {number} is not a JSON object"
+
+
+def iter_csv(path: Path) -> Iterator[Row]:
     with path.open("rb") as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
         try:
-            if fmt == "jsonl":
-                for number, line in enumerate(text, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DatasetInvalid(f"Line {number} is not valid JSON: {exc.msg}.", param="file") from None
-                    if not isinstance(record, dict):
-                        raise DatasetInvalid(f"Line {number} is not a JSON object.", param="file")
-                    yield number, record
-            else:
-                reader = csv.DictReader(text)
-                for number, row in enumerate(reader, start=2):
-                    if None in row:
-                        raise DatasetInvalid(f"Row {number} has more fields than the header.", param="file")
-                    yield number, dict(row)
+            for number, row in enumerate(csv.DictReader(text), start=2):
+                if None in row:
+                    yield number, None, f"row {number} has more fields than the header"
+                else:
+                    yield number, dict(row), None
         except UnicodeDecodeError as exc:
-            raise DatasetInvalid(
-                f"The file is not UTF-8 text (bad byte at offset {exc.start} of a chunk); re-encode it as UTF-8.",
-                param="file",
-            ) from None
+            yield -1, None, f"the file is not UTF-8 text (byte {exc.start} of a block); re-encode it as UTF-8"
+        except csv.Error as exc:
+            yield -1, None, f"the CSV is malformed: {exc}"
+
+
+def iter_records(path: Path, fmt: str) -> Iterator[Row]:
+    """Yield every record with its line or row number, or the problem that made it unreadable."""
+    readers = {"jsonl": iter_jsonl, "csv": iter_csv, "parquet": iter_parquet}
+    yield from readers[fmt](path)
 
 
 def validate_records(
@@ -132,34 +146,47 @@ def validate_records(
     entity_column: str | None,
     max_record_chars: int,
 ) -> DatasetSummary:
+    """Check every record; raise one DatasetInvalid that reports the problems found (up to
+    MAX_PROBLEMS, each with its line or row), so a user can fix the file in one go."""
     summary = DatasetSummary()
     columns: dict[str, None] = {}
-    for number, record in iter_records(path, fmt):
+    problems: list[tuple[str, str]] = []  # (problem, the request field it concerns)
+    for number, record, problem in iter_records(path, fmt):
+        if len(problems) >= MAX_PROBLEMS:
+            break
+        if problem is not None or record is None:
+            problems.append((problem or "unreadable record", "file"))
+            continue
         where = f"line {number}" if fmt == "jsonl" else f"row {number}"
         text = record.get(text_field)
         if not isinstance(text, str) or not text.strip():
-            raise DatasetInvalid(
-                f"The record at {where} has no non-empty string field {text_field!r} "
-                "(set `text_field` to the column that holds the text).",
-                param="text_field",
-            )
-        if len(text) > max_record_chars:
-            raise DatasetInvalid(
-                f"The record at {where} has {len(text)} characters in {text_field!r}, "
-                f"more than the limit of {max_record_chars} (DPFT_MAX_RECORD_CHARS).",
-                param="file",
+            problems.append((f"{where} has no non-empty string field {text_field!r}", "text_field"))
+        elif len(text) > max_record_chars:
+            problems.append(
+                (
+                    f"{where} has {len(text)} characters in {text_field!r}, over DPFT_MAX_RECORD_CHARS={max_record_chars}",
+                    "file",
+                )
             )
         if label_field is not None and record.get(label_field) in (None, ""):
-            raise DatasetInvalid(f"The record at {where} has no label in {label_field!r}.", param="label_field")
+            problems.append((f"{where} has no label in {label_field!r}", "label_field"))
         if entity_column is not None:
             entity = record.get(entity_column)
             if entity in (None, ""):
-                raise DatasetInvalid(
-                    f"The record at {where} has no entity id in {entity_column!r}.", param="entity_column"
-                )
-            summary.entities.add(str(entity))
+                problems.append((f"{where} has no entity id in {entity_column!r}", "entity_column"))
+            else:
+                summary.entities.add(str(entity))
         columns.update(dict.fromkeys(record))
         summary.num_records += 1
+    if problems:
+        listed = "; ".join(problem for problem, _ in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DatasetInvalid(
+            f"The dataset was not stored: {listed}{more}. Fix the file, or name the right fields "
+            "(text_field, label_field, entity_column), and upload it again.",
+            param=problems[0][1],
+            details=[problem for problem, _ in problems],
+        )
     if summary.num_records == 0:
         raise DatasetInvalid("The dataset has no records.", param="file")
     summary.columns = list(columns)
@@ -167,7 +194,8 @@ def validate_records(
 
 
 def load_records(path: Path, fmt: str) -> list[dict[str, Any]]:
-    return [record for _, record in iter_records(path, fmt)]
+    """The records of a dataset that passed validation."""
+    return [record for _, record, _ in iter_records(path, fmt) if record is not None]
 
 
 def check_uri(uri: str, *, file_root: Path | None) -> None:

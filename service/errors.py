@@ -19,10 +19,13 @@ class APIError(Exception):
     status_code = 400
     code = "invalid_request"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, details: list[str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.details = details
         if code is not None:
             self.code = code
 
@@ -57,8 +60,11 @@ class ServiceUnavailable(APIError):
     code = "service_unavailable"
 
 
-def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "param": param}}
+def error_body(code: str, message: str, param: str | None = None, details: list[str] | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message, "param": param}
+    if details:
+        error["details"] = details
+    return {"error": error}
 
 
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
@@ -69,7 +75,7 @@ def _validation_param(loc: tuple[Any, ...]) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=exc.status_code)
+        return JSONResponse(error_body(exc.code, exc.message, exc.param, exc.details), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -82,9 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
-            exc.status_code, "error"
-        )
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
 
     @app.exception_handler(OperationalError)

@@ -68,14 +68,16 @@ def test_upload_counts_records_entities_and_columns(dataset: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "fields", "message"),
+    ("content", "fields", "message", "param"),
     [
-        (b'{"text": "ok"}\n{"text": broken\n', {}, "Line 2 is not valid JSON"),
-        (b'{"body": "no text field"}\n', {}, "no non-empty string field 'text'"),
-        (b"", {}, "no records"),
-        (b'{"text": "caf\xe9"}\n', {}, "not UTF-8"),
-        (b'{"text": "a"}\n', {"entity_column": "user"}, "no entity id in 'user'"),
-        (b"[1, 2]\n", {}, "not a JSON object"),
+        (b'{"text": "ok"}\n{"text": broken\n', {}, "line 2 is not valid JSON", "file"),
+        (b'{"body": "no text field"}\n', {}, "line 1 has no non-empty string field 'text'", "text_field"),
+        (b"", {}, "no records", "file"),
+        (b'{"text": "caf\xe9"}\n', {}, "line 1 is not UTF-8", "file"),
+        (b'{"text": "a"}\n', {"entity_column": "user"}, "line 1 has no entity id in 'user'", "entity_column"),
+        (b'{"text": "a"}\n', {"label_field": "label"}, "line 1 has no label in 'label'", "label_field"),
+        (b"[1, 2]\n", {}, "line 1 is not a JSON object", "file"),
+        (b'{"text": "' + b"x" * 200_001 + b'"}\n', {}, "over DPFT_MAX_RECORD_CHARS", "file"),
     ],
 )
 def test_invalid_datasets_are_422_with_the_position_and_stored_nowhere(
@@ -84,15 +86,28 @@ def test_invalid_datasets_are_422_with_the_position_and_stored_nowhere(
     api_env: dict,
     content: bytes,
     fields: dict,
-    message: str,  # type: ignore[no-untyped-def]
+    message: str,
+    param: str,  # type: ignore[no-untyped-def]
 ) -> None:
     from pathlib import Path
 
     before = sorted(Path(api_env["DPFT_ARTIFACT_DIR"]).rglob("*"))
     response = upload(api, tenant_key, content, **fields)
     assert response.status_code == 422, response.text
-    assert message in response.json()["error"]["message"]
+    error = response.json()["error"]
+    assert message in error["message"] and error["param"] == param
     assert sorted(Path(api_env["DPFT_ARTIFACT_DIR"]).rglob("*")) == before
+
+
+def test_a_dataset_report_lists_every_problem_with_its_line(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+    lines = [b'{"text": "fine"}', b"{broken", b'{"text": ""}', b'{"text": "fine"}', b"[]"] + [b"{x"] * 30
+    error = upload(api, tenant_key, b"\n".join(lines)).json()["error"]
+    assert error["details"][:3] == [
+        "line 2 is not valid JSON: Expecting property name enclosed in double quotes (column 2)",
+        "line 3 has no non-empty string field 'text'",
+        "line 5 is not a JSON object",
+    ]
+    assert len(error["details"]) == 20 and "(and 15 more)" in error["message"]
 
 
 def test_upload_over_the_size_limit_is_413(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
