@@ -65,15 +65,15 @@ def add_event(session: Session, job_id: str, type_: str, message: str, **data: A
     session.add(JobEvent(job_id=job_id, type=type_, message=message, data=data))
 
 
-def count_units(dataset: Dataset, request: JobCreate) -> int:
-    if request.privacy.unit == "record":
+def count_units(dataset: Dataset, entity_column: str | None, *, param: str) -> int:
+    """The dataset's privacy units: records, or the entities of `entity_column` (counted at upload)."""
+    if entity_column is None:
         return dataset.num_records
-    if request.privacy.entity_column != dataset.entity_column or dataset.num_entities is None:
+    if entity_column != dataset.entity_column or dataset.num_entities is None:
         raise InvalidRequest(
             f"Entity-level DP needs the entity column counted at upload: dataset {dataset.id} was uploaded "
-            f"with entity_column={dataset.entity_column!r}; upload it again with "
-            f"entity_column={request.privacy.entity_column!r}.",
-            param="privacy.entity_column",
+            f"with entity_column={dataset.entity_column!r}; upload it again with entity_column={entity_column!r}.",
+            param=param,
         )
     return dataset.num_entities
 
@@ -156,7 +156,8 @@ def create_job(session: Session, tenant: Tenant, request: JobCreate, idempotency
     dataset = get_dataset(session, tenant, request.dataset_id)
     if request.task != "causal_lm" and not dataset.label_field:
         raise InvalidRequest(f"Task {request.task} needs labels: upload the dataset with `label_field`.", param="task")
-    plan = solve_plan(request, count_units(dataset, request))
+    entity_column = request.privacy.entity_column if request.privacy.unit == "entity" else None
+    plan = solve_plan(request, count_units(dataset, entity_column, param="privacy.entity_column"))
 
     # Lock the dataset row (after the slow solve) so that concurrent job creations on it cannot
     # together overspend its budget: the second waits here and then sees the first's reservation.

@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.auth import CurrentTenant, DbSession
-from service.errors import InvalidRequest
-from service.jobs import get_dataset, solve
+from service.jobs import count_units, get_dataset, solve
 from service.schemas import PlanOut, PlanRequest
 
 router = APIRouter(prefix="/v1/privacy", tags=["privacy"])
@@ -20,16 +19,7 @@ def plan(request: PlanRequest, session: DbSession, tenant: CurrentTenant) -> Pla
     num_units = request.num_records
     if request.dataset_id is not None:
         dataset = get_dataset(session, tenant, request.dataset_id)
-        if request.entity_column is None:
-            num_units = dataset.num_records
-        elif request.entity_column == dataset.entity_column and dataset.num_entities is not None:
-            num_units = dataset.num_entities
-        else:
-            raise InvalidRequest(
-                f"Dataset {dataset.id} was uploaded with entity_column={dataset.entity_column!r}; its entities "
-                f"in {request.entity_column!r} were not counted. Upload it with that entity_column.",
-                param="entity_column",
-            )
+        num_units = count_units(dataset, request.entity_column, param="entity_column")
     assert num_units is not None
     result = solve(
         num_units=num_units,
