@@ -187,15 +187,5 @@ def ledger(dataset_id: str, session: DbSession, tenant: CurrentTenant) -> ListRe
     rows = session.scalars(
         select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.dataset_id == dataset_id).order_by(PrivacyLedgerEntry.id)
     ).all()
-    data = [
-        LedgerEntryOut(
-            job_id=r.job_id,
-            epsilon=r.epsilon,
-            delta=r.delta,
-            state=r.state,
-            created_at=r.created_at,
-            updated_at=r.updated_at,
-        )
-        for r in rows
-    ]
+    data = [LedgerEntryOut.model_validate(entry, from_attributes=True) for entry in rows]
     return ListResponse[LedgerEntryOut](data=data, has_more=False)

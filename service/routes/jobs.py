@@ -160,16 +160,7 @@ def metrics(
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
     return MetricsPage(
-        data=[
-            MetricPoint(
-                step=m.step,
-                epsilon=m.epsilon,
-                loss=m.loss,
-                learning_rate=m.learning_rate,
-                timestamp=m.timestamp,
-            )
-            for m in page
-        ],
+        data=[MetricPoint.model_validate(point, from_attributes=True) for point in page],
         has_more=len(rows) > limit,
         next_since_step=last_step,
     )
