@@ -295,7 +295,8 @@ def run_job(attempt: Attempt, attempt_number: int) -> None:
             logger.warning("job=%s was taken from %s while it trained; leaving it to its new holder", job_id, name)
             return
         # Everything recorded must be in the database before the job can end (or be handed back).
-        writer.flush_until(settings.metrics_max_outage_s)
+        # Nobody takes the job from this worker within its lease, so wait at least that long.
+        writer.flush_until(max(settings.metrics_max_outage_s, settings.heartbeat_lease_s))
 
     if reason == "shutdown":
         if hand_back(job_id, name, outcome.steps):

@@ -63,3 +63,20 @@ def test_redis_restart_with_one_job_running_and_one_queued_both_finish(fault_sta
         assert final.status == "succeeded", (job["id"], final.error, stack.logs())
         assert_one_clean_series(stack, job["id"], job["plan"]["steps"], job["plan"]["epsilon"])
     assert "resent" in [e["type"] for e in stack.events(queued["id"])], "the lost message was sent again"
+
+
+def test_a_database_outage_past_the_limit_fails_the_job_cleanly(fault_stack: FaultStack) -> None:
+    stack = fault_stack
+    stack.start_worker("a", DPFT_HEARTBEAT_LEASE_S="60", DPFT_METRICS_MAX_OUTAGE_S="1.5")
+    job = stack.create_job(steps=500)
+    stack.wait_step(job["id"], 20)
+    restart_postgres_after(5.0)
+
+    final = stack.wait_terminal(job["id"], timeout=120)
+    assert (final.status, final.stop_reason) == ("failed", "metrics_outage"), (final.error, stack.logs())
+    assert final.step < job["plan"]["steps"], "training stopped instead of running with unrecorded epsilon"
+    rows = stack.metrics(job["id"])
+    assert [r.step for r in rows] == list(range(1, final.step + 1)), "every step it took is recorded"
+    assert final.epsilon == pytest.approx(rows[-1].epsilon)
+    entry = stack.ledger(job["id"])
+    assert entry.state == "spent" and entry.epsilon == pytest.approx(final.epsilon)

@@ -3,6 +3,7 @@ metrics series (steps 1..N, each once) and the epsilon of an uninterrupted run."
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -119,3 +120,27 @@ def test_cancel_during_training_ends_within_a_few_steps_and_charges_the_ledger(f
     entry = stack.ledger(job["id"])
     assert entry.state == "spent" and entry.epsilon == pytest.approx(final.epsilon)
     assert LEASE_S > 0  # (the sweeper plays no part here)
+
+
+def test_a_worker_configured_for_a_gpu_refuses_to_start_without_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    import torch
+
+    from service import processes
+
+    env = {name: "" for name in os.environ if name.startswith("DPFT_")}
+    env.update({"DPFT_REQUIRE_GPU": "1", "DPFT_DATA_DIR": str(tmp_path)})
+    log = tmp_path / "worker.log"
+    worker = processes.start(processes.worker_command(), env=env, log_path=log)
+    if torch.cuda.is_available():
+        wait_for(lambda: "GPU check passed" in log.read_text(errors="replace"), 120, "the GPU check")
+        processes.stop(worker)
+        return
+    try:
+        code = worker.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        processes.stop(worker)
+        raise AssertionError("the worker started on the CPU although DPFT_REQUIRE_GPU is set") from None
+    assert code != 0
+    assert "DPFT_REQUIRE_GPU is set but no usable GPU" in log.read_text(errors="replace")
