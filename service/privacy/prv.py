@@ -243,6 +243,7 @@ class PRVComposer:
         self._logF_full: np.ndarray | None = None
         self._logF_head: np.ndarray | None = None  # log F on a prefix of frequencies
         self._suffix_max: np.ndarray | None = None
+        self._last_upper: dict[float, float] = {}  # warm start of the tracker's crossing search
 
     # -- composition ------------------------------------------------------------------------------
     # The composed PMF after t steps has the spectrum F**t. For all but the first few steps that
@@ -250,7 +251,8 @@ class PRVComposer:
     # tail sums the epsilon search needs are evaluated directly from the kept frequencies (closed
     # form geometric sums, O(K) per probe of a binary search) instead of an O(n log n) inverse FFT.
     SPECTRAL_TAU = 1e-30
-    SPECTRAL_MAX_K = 4096
+    # the spectral path costs ~25 probes of O(K); an inverse FFT O(n log n): switch at K = n/10
+    SPECTRAL_MAX_FRACTION = 0.1
 
     def _recentre(self, steps: int) -> int:
         # the mean-correcting shift accumulates to steps*shift; move the window by whole cells so
@@ -329,7 +331,7 @@ class PRVComposer:
         eps_error = self.eps_error if eps_error is None else float(eps_error)
         base_allow = self.delta_error + steps * self.dprv.tail_mass
         K = self._kept(steps)
-        if 0 <= K <= min(self.SPECTRAL_MAX_K, self.n // 16):
+        if 0 <= K <= self.SPECTRAL_MAX_FRACTION * self.n:
             return self._bounds_spectral(delta, steps, K, base_allow, eps_error, upper_only)
         spec = self._spectrum(steps)
         a = np.abs(spec)
@@ -378,12 +380,25 @@ class PRVComposer:
             d1, d2 = cache[i]
             return d2 - d1
 
-        def find(target: float) -> float:
+        def find(target: float, hint: int | None = None) -> float:
             if nd(s0) >= -target:
                 return base + s0 * h
             lo, hi = s0, n - 1  # nd(lo) < -target <= nd(hi)
             if nd(hi) < -target:
                 raise PRVUnavailable("Cannot compute epsilon (epsilon beyond the domain)")
+            if hint is not None and lo < hint < hi:
+                # exponential search out of a warm start (same answer when nd is monotone)
+                step = 1
+                if nd(hint) >= -target:
+                    hi = hint
+                    while hi - step > lo and nd(hi - step) >= -target:
+                        hi, step = hi - step, step * 2
+                    lo = max(lo, hi - step)
+                else:
+                    lo = hint
+                    while lo + step < hi and nd(lo + step) < -target:
+                        lo, step = lo + step, step * 2
+                    hi = min(hi, lo + step)
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 if nd(mid) >= -target:
@@ -393,7 +408,13 @@ class PRVComposer:
             d1, d2 = cache[hi]
             return base + hi * h + math.log((d1 - target) / d2)
 
-        upper = find(delta - allow) + eps_error
+        hint = None
+        warm = upper_only and steps != self.max_steps
+        if warm and delta in self._last_upper:
+            hint = int(round((self._last_upper[delta] - base) / h))
+        upper = find(delta - allow, hint) + eps_error
+        if warm:
+            self._last_upper[delta] = upper - eps_error
         if upper_only:
             return math.nan, math.nan, upper
         lower = find(delta + allow) - eps_error

@@ -146,7 +146,7 @@ def test_spectral_path_matches_inverse_fft(sigma, q, steps, delta):
 
     for t in (steps // 7, steps // 2, steps):
         k = comp._kept(t)
-        assert 0 <= k <= comp.n // 16  # the spectral path is the one taken
+        assert 0 <= k <= comp.n * comp.SPECTRAL_MAX_FRACTION  # the spectral path is the one taken
         lower, est, upper = comp.bounds(delta, t)
         ts, p = comp.composed(t)
         ref_lower, ref_est, ref_upper = epsilon_from_pmf(ts, p, delta, comp.delta_error, 0.01)
