@@ -17,7 +17,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,30 @@ def claim(job_id: str, name: str) -> bool:
         return bool(claimed)
 
 
-def finish(
+def retrying(action: Callable[[], Any], what: str, deadline_s: float | None = None) -> Any:
+    """Run a database action, retrying through a short outage (connection errors only)."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    settings = get_settings()
+    end = time.monotonic() + (deadline_s if deadline_s is not None else settings.heartbeat_lease_s)
+    while True:
+        try:
+            return action()
+        except DBAPIError as exc:
+            if not (exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError))):
+                raise
+            if time.monotonic() >= end:
+                raise
+            logger.warning("%s: database unreachable, retrying: %s", what, exc)
+            time.sleep(0.5)
+
+
+def finish(*args: Any, **kwargs: Any) -> None:
+    """`finish_once`, retried through a short database outage."""
+    retrying(lambda: finish_once(*args, **kwargs), f"finishing job {args[0]}")
+
+
+def finish_once(
     job_id: str,
     name: str,
     status: JobStatus,
@@ -208,6 +232,13 @@ def durable_checkpoints(attempt: Attempt) -> Iterator[None]:
 
 def hand_back(job_id: str, name: str, step: int) -> bool:
     """Put a job this worker holds back in the queue (warm shutdown) and send it again."""
+    done = retrying(lambda: _requeue(job_id, name, step), f"handing job {job_id} back")
+    if done:
+        send(job_id)
+    return bool(done)
+
+
+def _requeue(job_id: str, name: str, step: int) -> int:
     with session_scope() as session:
         done = session.execute(
             update(Job)
@@ -223,9 +254,7 @@ def hand_back(job_id: str, name: str, step: int) -> bool:
                 reason="worker_shutdown",
                 step=step,
             )
-    if done:
-        send(job_id)
-    return bool(done)
+    return done
 
 
 def run_job(attempt: Attempt, attempt_number: int) -> None:
