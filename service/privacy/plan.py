@@ -240,21 +240,37 @@ def _plan_for_sigma(sigma: float, q: float, steps: int, delta: float, accountant
                     reason: str | None = None, curve_points: int = CURVE_POINTS) -> PrivacyPlan:
     requested = requested or accountant
     used = accountant
-    tracker = None
+    curve_steps = _curve_steps(steps, max(int(curve_points), 1))
+    result = None
     if used == "prv":
         try:
             tracker = EpsilonTracker(sigma, q, delta, "prv", steps)
             eps = tracker.epsilon(steps)
+            # the curve's points are steps the tracker will also evaluate: if PRV cannot do them,
+            # the run could not be tracked with PRV either
+            result = eps, tracker.bounds_at(curve_steps)
         except _prv.PRVUnavailable as exc:
             used, fell_back, reason = "rdp", True, f"PRV accountant unavailable for this spec: {exc}"
-            tracker = None
-    if tracker is None:
+    if result is None:
         tracker = EpsilonTracker(sigma, q, delta, "rdp", steps)
         eps = tracker.epsilon(steps)
-    if target is not None and eps > target:  # pragma: no cover - the solver guarantees this
-        raise AssertionError(f"solver returned sigma={sigma} with epsilon {eps} above the target {target}")
-    curve_steps = _curve_steps(steps, max(int(curve_points), 1))
-    curve = list(zip(curve_steps, tracker.bounds_at(curve_steps), strict=True))
+        result = eps, tracker.bounds_at(curve_steps)
+    eps, values = result
+    if target is not None and eps > target:
+        if used != accountant:  # fell back after solving with PRV: re-solve with RDP
+            from .solver import solve_rdp
+
+            sigma = solve_rdp(target, q, steps, delta)
+            if sigma is None:
+                raise InfeasiblePrivacySpec(
+                    f"target_epsilon {target:g} is too small for {steps} steps at sampling probability {q:.3g}: "
+                    f"the noise multiplier would have to exceed the solver's limit of {SIGMA_MAX:g}", "target_epsilon")
+            tracker = EpsilonTracker(sigma, q, delta, "rdp", steps)
+            eps = tracker.epsilon(steps)
+            values = tracker.bounds_at(curve_steps)
+        if eps > target:  # pragma: no cover - the solver guarantees this
+            raise AssertionError(f"solver returned sigma={sigma} with epsilon {eps} above the target {target}")
+    curve = list(zip(curve_steps, values, strict=True))
     curve[-1] = (steps, float(eps))
     return PrivacyPlan(noise_multiplier=float(sigma), sampling_probability=float(q), steps=int(steps),
                        epsilon=float(eps), delta=float(delta), accountant=used, requested_accountant=requested,
