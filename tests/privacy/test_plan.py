@@ -256,3 +256,17 @@ def test_tracker_is_cheap_per_step():
     per_step = (time.perf_counter() - start) / plan.steps
     assert per_step < 0.025  # a few ms on a 2-core CPU, with generous headroom for a loaded machine
     assert eps[-1] == plan.epsilon and all(np.diff(eps) > 0)
+
+
+def test_solved_sigma_meets_target_by_prv_accountant_too():
+    # independent check: prv-accountant 0.2.0's own upper bound, at the same eps_error, at dpft's answer
+    dpsgd = pytest.importorskip("prv_accountant.dpsgd")
+    from service.privacy.accounting import prv_errors
+
+    plan = plan_privacy(num_units=20_000, batch_size=200, max_steps=1000, target_epsilon=2.0, target_delta=1e-5)
+    eps_error, delta_error = prv_errors(plan.noise_multiplier, plan.sampling_probability, plan.steps, plan.delta)
+    acc = dpsgd.DPSGDAccountant(noise_multiplier=plan.noise_multiplier, sampling_probability=plan.sampling_probability,
+                                max_steps=plan.steps, eps_error=eps_error, delta_error=delta_error)
+    lower, est, upper = acc.compute_epsilon(delta=plan.delta, num_steps=plan.steps)
+    assert upper <= 2.0
+    assert upper == pytest.approx(plan.epsilon, abs=1e-4)
