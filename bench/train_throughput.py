@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -162,11 +163,20 @@ def run_one(model_name: str, lora: bool, mode: str, steps: int, warmup: int, thr
     }
 
 
+def _median(results: list[dict]) -> dict:
+    """Per-metric median over the rounds that succeeded (an error if none did)."""
+    good = [result for result in results if "error" not in result]
+    if not good:
+        return results[-1]
+    return {key: statistics.median(result[key] for result in good) for key in good[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds over all configurations; medians are shown")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "LORA", "MODE"), help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.one:
@@ -175,23 +185,34 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    configurations = [(model_name, lora, mode) for model_name in MODELS for lora in (True, False) for mode in MODES]
+    samples: dict[tuple[str, bool, str], list[dict]] = {key: [] for key in configurations}
+    # Rounds interleave the configurations, so that a burst of load on a shared machine hits
+    # all of them rather than one; the median of the rounds is shown.
+    for _ in range(options.repeat):
+        for model_name, lora, mode in configurations:
+            command = [
+                sys.executable, __file__, "--steps", str(options.steps), "--warmup", str(options.warmup),
+                "--threads", str(options.threads), "--one", model_name, "lora" if lora else "full", mode,
+            ]  # fmt: skip
+            completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+            lines = [line for line in completed.stdout.splitlines() if line.startswith('{"')]
+            result = json.loads(lines[-1]) if lines else {"error": completed.stderr.strip()[-200:]}
+            samples[(model_name, lora, mode)].append(result)
     rows = []
     for model_name in MODELS:
         for lora in (True, False):
-            results = {}
-            for mode in MODES:
-                command = [
-                    sys.executable, __file__, "--steps", str(options.steps), "--warmup", str(options.warmup),
-                    "--threads", str(options.threads), "--one", model_name, "lora" if lora else "full", mode,
-                ]  # fmt: skip
-                completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
-                lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-                results[mode] = json.loads(lines[-1]) if lines else {"error": completed.stderr.strip()[-200:]}
-            rows.append((model_name, "LoRA" if lora else "full", results))
+            rows.append(
+                (
+                    model_name,
+                    "LoRA" if lora else "full",
+                    {mode: _median(samples[(model_name, lora, mode)]) for mode in MODES},
+                )
+            )
 
     print(
         f"logical batch {BATCH} (expected), {RECORDS} records of {SEQ} tokens, {options.steps} steps "
-        f"({options.warmup} warm-up), {options.threads} thread(s)\n"
+        f"({options.warmup} warm-up), {options.threads} thread(s), median of {options.repeat} rounds\n"
     )
     print(
         "| model | fine-tuning | trainer | steps/s | DP / no-DP step time | vs dptrainer | "

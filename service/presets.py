@@ -102,8 +102,7 @@ PRESETS: dict[str, ModelPreset] = {
             name="dpft/tiny-bert",
             family="bert",
             tasks=("sequence_classification", "token_classification"),
-            description="BERT-style encoder, 2 layers, width 64, random weights; for classification demos "
-            "and tests.",
+            description="BERT-style encoder, 2 layers, width 64, random weights; for classification demos and tests.",
             config={
                 "model_type": "bert",
                 "hidden_size": 64,
