@@ -107,3 +107,23 @@ def test_checkpoints_carry_the_step_count_and_refuse_another_mechanism(
     other.privacy.noise_multiplier = 0.5
     with pytest.raises(EngineError, match="different privacy mechanism"):
         train(other, lm_records(32), tmp_path / "again", epsilon_fn=float, resume_from=final)
+
+
+def test_a_stop_can_checkpoint_where_it_stopped_and_resume_from_there(tmp_path: Path, lm_records) -> None:
+    reports: list[StepReport] = []
+    stopped = train(
+        _config(),
+        lm_records(32),
+        tmp_path,
+        on_step=reports.append,
+        should_stop=lambda: len(reports) >= 3,
+        epsilon_fn=float,
+        checkpoint_every=50,
+        checkpoint_on_stop=True,
+    )
+    assert (stopped.steps, stopped.stop_reason) == (3, "cancelled")
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint is not None and checkpoint.name == "checkpoint-3"
+    resumed: list[StepReport] = []
+    outcome = train(_config(), lm_records(32), tmp_path, on_step=resumed.append, epsilon_fn=float, resume_from=tmp_path)
+    assert [r.step for r in resumed] == list(range(4, 11)) and outcome.steps == 10

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PrinterCallback, TrainingArguments, set_seed
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
 from .config import TrainingConfig
@@ -61,6 +61,8 @@ def train(
     *,
     epsilon_fn: EpsilonFn | None = None,
     checkpoint_every: int | None = DEFAULT_CHECKPOINT_EVERY,
+    checkpoint_on_stop: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainingOutcome:
     """Train ``config`` on ``records`` with DP-SGD and save the result under ``output_dir``.
 
@@ -74,7 +76,9 @@ def train(
     optimizer, scheduler, the noisy-step count (epsilon continues, PRIVACY.md 14) and the
     sampler's state. Steps after that checkpoint whose results were lost are re-run; nothing
     computed from them under DP survives, so they are not counted again. A ``resume_from``
-    without any complete checkpoint starts from scratch.
+    without any complete checkpoint starts from scratch. ``checkpoint_on_stop`` also saves one
+    at the step where ``should_stop`` stopped training (needs ``checkpoint_every``).
+    ``callbacks`` are extra ``TrainerCallback``s, run after the engine's own.
     """
     output_dir = Path(output_dir)
     trainer = build_trainer(
@@ -86,6 +90,9 @@ def train(
         epsilon_fn=epsilon_fn,
         checkpoint_every=checkpoint_every,
     )
+    trainer.checkpoint_on_stop = checkpoint_on_stop
+    for callback in callbacks:
+        trainer.add_callback(callback)
     checkpoint = latest_checkpoint(Path(resume_from)) if resume_from is not None else None
     if resume_from is not None and checkpoint is None:
         logger.warning("no complete checkpoint under %s; starting from scratch", resume_from)

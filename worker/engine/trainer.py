@@ -185,6 +185,8 @@ class PrivacyCallback(TrainerCallback):
         if cancel:
             trainer.stop_reason = "cancelled"
             control.should_training_stop = True
+            if trainer.checkpoint_on_stop and args.save_strategy != "no":
+                control.should_save = True
             return control
         trainer._check_budget_for_next_step(control)
         return control
@@ -243,6 +245,8 @@ class DPTrainerMixin:
         self.should_stop = should_stop
         self.step_reports: list[StepReport] = []
         self.stop_reason: str | None = None
+        #: Save a checkpoint at the step where ``should_stop`` stopped training (needs saving on).
+        self.checkpoint_on_stop = False
         self.last_step_loss = float("nan")
         self.grad_sample_module: GradSampleModule | None = None
         self.add_callback(PrivacyCallback(self))
