@@ -101,7 +101,7 @@ def test_checkpoints_carry_the_step_count_and_refuse_another_mechanism(
     train(_config(), lm_records(32), tmp_path, epsilon_fn=rdp_epsilon_fn(1.0, 0.25, 1e-3), checkpoint_every=4)
     final = latest_checkpoint(tmp_path)
     assert final is not None and final.name == "checkpoint-10"
-    assert torch.load(final / DP_STATE_FILE, weights_only=False)["noisy_steps"] == 10
+    assert torch.load(final / DP_STATE_FILE, weights_only=True)["noisy_steps"] == 10
 
     other = _config()
     other.privacy.noise_multiplier = 0.5

@@ -609,7 +609,7 @@ def _load_dp_state(checkpoint: Path, privacy_args: PrivacyArguments, rank: int =
     file = checkpoint / _dp_state_name(rank)
     if not file.is_file():
         raise EngineError(f"{checkpoint} is not a complete DP checkpoint (no {DP_STATE_FILE})")
-    state = torch.load(file, weights_only=False)
+    state = torch.load(file, weights_only=True)
     saved, current = state["privacy"], asdict(privacy_args)
     keys = (
         "noise_multiplier",
