@@ -179,7 +179,7 @@ class PrivacyCallback(TrainerCallback):
         cancel = trainer.rank == 0 and trainer.should_stop is not None and trainer.should_stop()
         if trainer.world_size > 1:
             # Every process must stop at the same step, or the others wait forever.
-            flag = torch.tensor([1 if cancel else 0])
+            flag = torch.tensor([1 if cancel else 0], device=args.device)  # NCCL needs a GPU tensor
             torch.distributed.broadcast(flag, src=0)
             cancel = bool(flag.item())
         if cancel:
