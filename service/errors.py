@@ -4,9 +4,10 @@ person can act on, rendered as ``{"error": {"code", "message", "param"}}``."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -88,7 +89,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "error")
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}.get(
+            exc.status_code, "error"
+        )
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
 
     @app.exception_handler(OperationalError)
@@ -108,3 +111,23 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body("internal_error", "The server hit an unexpected error; it has been logged."),
             status_code=500,
         )
+
+
+def install_body_limit(app: FastAPI, max_bytes: int) -> None:
+    """Refuse a request whose declared length is over the limit before its body is read (an upload
+    is otherwise spooled whole before the route sees it; a body without a length is still stopped by
+    the upload route's own count, once spooled)."""
+
+    @app.middleware("http")
+    async def refuse_oversized(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_bytes:
+            return JSONResponse(
+                error_body(
+                    "payload_too_large",
+                    f"The request body ({int(length)} bytes) is larger than this deployment accepts "
+                    "(DPFT_MAX_UPLOAD_BYTES).",
+                ),
+                status_code=413,
+            )
+        return await call_next(request)

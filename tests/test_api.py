@@ -371,3 +371,14 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_job(api, tenant
     for r in responses:
         if r.status_code == 409:
             assert "Idempotency-Key" in r.json()["error"]["message"]
+
+
+def test_an_oversized_body_is_refused_while_it_streams_in(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+    chunks = (b'{"text": "' + b"x" * 60_000 + b'"}\n' for _ in range(40))  # 2.4 MB, over limit + 1 MiB
+    response = api.post(
+        "/v1/datasets",
+        headers={**auth(tenant_key), "Content-Type": "multipart/form-data; boundary=b"},
+        content=b"--b\r\nContent-Disposition: form-data; name=file; filename=d.jsonl\r\n\r\n" + b"".join(chunks),
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
