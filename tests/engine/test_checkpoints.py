@@ -127,3 +127,21 @@ def test_a_stop_can_checkpoint_where_it_stopped_and_resume_from_there(tmp_path: 
     resumed: list[StepReport] = []
     outcome = train(_config(), lm_records(32), tmp_path, on_step=resumed.append, epsilon_fn=float, resume_from=tmp_path)
     assert [r.step for r in resumed] == list(range(4, 11)) and outcome.steps == 10
+
+
+def test_resuming_a_finished_run_takes_no_step_and_keeps_its_weights(tmp_path: Path, lm_records) -> None:
+    first = train(_config(), lm_records(32), tmp_path, epsilon_fn=float, checkpoint_every=4)
+    expected = load_file(first.adapter_dir / "adapter_model.safetensors")
+    reports: list[StepReport] = []
+    again = train(_config(), lm_records(32), tmp_path, on_step=reports.append, epsilon_fn=float, resume_from=tmp_path)
+    assert (again.steps, again.stop_reason, reports) == (10, "completed", [])
+    actual = load_file(again.adapter_dir / "adapter_model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key])
+
+
+def test_a_target_below_the_first_step_trains_nothing(tmp_path: Path, lm_records) -> None:
+    config = _config()
+    config.privacy.target_epsilon = 0.5
+    outcome = train(config, lm_records(32), tmp_path, epsilon_fn=lambda steps: float(steps))
+    assert (outcome.steps, outcome.epsilon, outcome.stop_reason) == (0, 0.0, "epsilon_budget")

@@ -262,7 +262,10 @@ class DPTrainerMixin:
 
     @property
     def noisy_steps(self) -> int:
-        return self.dp_optimizer.noisy_steps if isinstance(self.optimizer_or_none, NoisySteps) else 0
+        """Noisy steps taken so far (restored from a checkpoint when resuming)."""
+        if isinstance(self.optimizer_or_none, NoisySteps):
+            return self.dp_optimizer.noisy_steps
+        return getattr(self, "_steps_without_optimizer", 0)
 
     @property
     def optimizer_or_none(self) -> torch.optim.Optimizer | None:
@@ -278,7 +281,11 @@ class DPTrainerMixin:
 
     def _next_step_allowed(self) -> str | None:
         """None when one more noisy step is allowed, else the stop reason."""
-        next_step = self.noisy_steps + 1
+        return self._stop_reason_after(self.noisy_steps)
+
+    def _stop_reason_after(self, steps: int) -> str | None:
+        """None when a step may follow ``steps`` noisy steps, else why not."""
+        next_step = steps + 1
         if next_step > self.privacy_args.steps:
             return "completed"
         target = self.privacy_args.target_epsilon
@@ -314,8 +321,20 @@ class DPTrainerMixin:
         """``Trainer.train``; resuming also restores the noisy-step count and the sampler state."""
         if isinstance(resume_from_checkpoint, bool):
             raise EngineError("pass the checkpoint directory to resume from (see latest_checkpoint)")
+        done = 0
         if resume_from_checkpoint is not None:
             self._resume_state = _load_dp_state(Path(resume_from_checkpoint), self.privacy_args, self.rank)
+            done = int(self._resume_state["noisy_steps"])
+        reason = self._stop_reason_after(done)
+        if reason is not None:
+            # Not even one more step is allowed (a finished run resumed, or a target below the
+            # first step's epsilon): the Trainer would take a step before any callback could stop
+            # it, so do not start it. The weights are the checkpoint's.
+            if resume_from_checkpoint is not None:
+                self._load_from_checkpoint(str(resume_from_checkpoint))
+            self._steps_without_optimizer = done
+            self.stop_reason = reason
+            return None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _restore_dp_state(self, global_step: int) -> None:
