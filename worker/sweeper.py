@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -208,13 +207,17 @@ class SweeperThread(threading.Thread):
         self.stopped.set()
 
 
-def main() -> None:  # python -m worker.sweeper: a sweeper of its own, beside or instead of the workers'
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def main() -> None:
+    """`python -m worker.sweeper`: what each worker starts beside it; also runs on its own."""
+    import signal
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/sweeper] %(message)s")
     thread = SweeperThread()
+    signal.signal(signal.SIGTERM, lambda *_: thread.stop())
     thread.start()
     try:
         while thread.is_alive():
-            time.sleep(1)
+            thread.join(1)
     except KeyboardInterrupt:
         thread.stop()
 

@@ -35,7 +35,7 @@ from service.models import Dataset, Job, JobStatus, utcnow
 from service.queue import TRAIN_TASK, get_celery
 from service.settings import get_settings
 from worker.metrics import LeaseLost, MetricRow, MetricsWriter
-from worker.sweeper import SweeperThread, send, settle_ledger
+from worker.sweeper import send, settle_ledger
 
 logger = logging.getLogger(__name__)
 app = get_celery()
@@ -49,7 +49,7 @@ def worker_name() -> str:
 
 #: Set in the pool child by SIGTERM (warm shutdown): checkpoint, hand the job back, return.
 SHUTDOWN = threading.Event()
-_sweeper: SweeperThread | None = None
+_sweeper: subprocess.Popen | None = None
 
 
 def claim(job_id: str, name: str) -> bool:
@@ -445,18 +445,28 @@ def _check_gpu_at_start(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _start_sweeper(**_: Any) -> None:
+    """Each worker runs a sweeper beside it, as a child process of its own: a thread in this
+    (forking) parent would hand its locks and database connections to every pool child forked
+    while it runs, and a child could hang on a lock held at the fork."""
     global _sweeper
-    if get_settings().sweep_interval_s > 0 and _sweeper is None:
-        _sweeper = SweeperThread()
-        _sweeper.start()
+    if get_settings().sweep_interval_s <= 0 or _sweeper is not None:
+        return
+    from celery import platforms
+
+    _sweeper = subprocess.Popen(
+        [sys.executable, "-m", "worker.sweeper"],
+        preexec_fn=lambda: platforms.set_pdeathsig("SIGKILL"),  # dies with this worker, even on SIGKILL
+    )
+    logger.info("sweeper started (pid %d)", _sweeper.pid)
 
 
 @signals.worker_shutting_down.connect
 def _forward_warm_shutdown(how: str = "", **_: Any) -> None:
     """A warm shutdown (SIGTERM to the main process) waits for the running task; tell the pool
     children, so that training checkpoints and hands its job back instead of running for hours."""
-    if _sweeper is not None:
-        _sweeper.stop()
+    if _sweeper is not None and _sweeper.poll() is None:
+        with contextlib.suppress(OSError):
+            _sweeper.terminate()
     if how != "Warm":
         return
     from billiard.process import active_children
