@@ -144,3 +144,18 @@ def test_a_worker_configured_for_a_gpu_refuses_to_start_without_one(tmp_path) ->
         raise AssertionError("the worker started on the CPU although DPFT_REQUIRE_GPU is set") from None
     assert code != 0
     assert "DPFT_REQUIRE_GPU is set but no usable GPU" in log.read_text(errors="replace")
+
+
+def test_a_job_past_its_time_limit_fails_with_the_reason_and_is_charged(fault_stack: FaultStack) -> None:
+    stack = fault_stack
+    # A 40 s hard limit gives a 10 s soft limit (service.queue): the task ends the job itself.
+    stack.start_worker("a", DPFT_TASK_TIME_LIMIT_S="40")
+    job = stack.create_job(steps=5000)
+    final = stack.wait_terminal(job["id"], timeout=120)
+    assert (final.status, final.stop_reason) == ("failed", "time_limit"), (final.error, stack.logs())
+    assert "time limit" in final.error and 0 < final.step < 5000
+    rows = stack.metrics(job["id"])
+    assert [r.step for r in rows] == list(range(1, final.step + 1))
+    assert final.epsilon == pytest.approx(rows[-1].epsilon)
+    entry = stack.ledger(job["id"])
+    assert entry.state == "spent" and entry.epsilon == pytest.approx(final.epsilon)
