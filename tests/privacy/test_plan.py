@@ -270,3 +270,21 @@ def test_solved_sigma_meets_target_by_prv_accountant_too():
     lower, est, upper = acc.compute_epsilon(delta=plan.delta, num_steps=plan.steps)
     assert upper <= 2.0
     assert upper == pytest.approx(plan.epsilon, abs=1e-4)
+
+
+def test_tracker_is_strictly_increasing_over_a_wobbling_bound():
+    plan = plan_privacy(num_units=20_000, batch_size=200, max_steps=500, target_epsilon=1.5)
+    tracker = EpsilonTracker.for_plan(plan)
+    t = np.arange(plan.steps + 1)
+    rng = np.random.default_rng(0)
+    # a bound that increases on average but wobbles down between steps, with ties
+    wobbly = plan.epsilon * np.sqrt(t / plan.steps) + 1e-4 * rng.standard_normal(t.size)
+    wobbly[100:110] = wobbly[100]
+    wobbly[0], wobbly[-1] = 0.0, plan.epsilon
+    tracker._u[:] = wobbly
+    eps = np.array([tracker.epsilon(s) for s in t])
+    assert np.all(np.diff(eps) > 0)
+    assert eps[-1] == plan.epsilon
+    for s in range(1, plan.steps):
+        # never below the smallest bound at s or later (an upper bound, the true epsilon being non-decreasing)
+        assert eps[s] >= wobbly[s:min(s + tracker.WINDOW, plan.steps) + 1].min()
