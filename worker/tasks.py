@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -185,29 +185,20 @@ class Attempt:
         return None
 
 
-@contextlib.contextmanager
-def durable_checkpoints(attempt: Attempt) -> Iterator[None]:
-    """Make every checkpoint follow its metrics into the database, and checkpoint at a stop.
+def durable_checkpoints(attempt: Attempt) -> Any:
+    """A Trainer callback that makes every checkpoint follow its metrics into the database.
 
     A checkpoint is where the next attempt resumes, so every step up to it must already have its
     metrics row: rows are flushed (synchronously) before each save, and a save whose flush fails
-    (the database is away) is skipped. When training stops early (shutdown, cancel) a checkpoint
-    is taken at that step, so a hand-back loses no work.
-
-    The engine's ``train()`` takes no Trainer callbacks, so this wraps its ``build_trainer`` for
-    the duration (the pool child runs one task). An engine option such as ``callbacks=`` or
-    ``checkpoint_on_stop=True`` would replace this.
+    (the database is away) is skipped. With the engine's `checkpoint_on_stop`, a stop (shutdown,
+    cancel) saves one at that step, so a hand-back loses no work.
     """
     from transformers import TrainerCallback
-
-    from worker.engine import run as engine_run
 
     writer = attempt.writer
 
     class DurableCheckpoints(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
-            if attempt.stop_reason() is not None and args.save_strategy != "no":
-                control.should_save = True
             if control.should_save:
                 try:
                     writer.flush()
@@ -216,18 +207,7 @@ def durable_checkpoints(attempt: Attempt) -> Iterator[None]:
                     logger.warning("job=%s: no checkpoint at step %d (%s)", attempt.job_id, state.global_step, exc)
             return control
 
-    original = engine_run.build_trainer
-
-    def build_trainer(*args: Any, **kwargs: Any) -> Any:
-        trainer = original(*args, **kwargs)
-        trainer.add_callback(DurableCheckpoints())
-        return trainer
-
-    engine_run.build_trainer = build_trainer
-    try:
-        yield
-    finally:
-        engine_run.build_trainer = original
+    return DurableCheckpoints()
 
 
 def hand_back(job_id: str, name: str, step: int) -> bool:
@@ -294,7 +274,7 @@ def run_job(attempt: Attempt, attempt_number: int) -> None:
                     attempt=attempt_number,
                 )
 
-    with writer, durable_checkpoints(attempt):
+    with writer:
 
         def on_step(report: Any) -> None:
             writer.record(
@@ -317,6 +297,8 @@ def run_job(attempt: Attempt, attempt_number: int) -> None:
             should_stop=lambda: attempt.stop_reason() is not None,
             resume_from=output_dir if checkpoint is not None else None,
             checkpoint_every=settings.checkpoint_every,
+            checkpoint_on_stop=True,
+            callbacks=[durable_checkpoints(attempt)],
         )
         attempt.step, attempt.epsilon = outcome.steps, max(attempt.epsilon, outcome.epsilon)
         reason = attempt.stop_reason() if outcome.stop_reason == "cancelled" else None

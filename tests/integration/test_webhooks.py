@@ -12,7 +12,6 @@ import pytest
 
 from service.client import Client
 from service.webhooks import SIGNATURE_HEADER, verify
-from tests.conftest import WEBHOOK_SECRET
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -66,9 +65,10 @@ def test_terminal_state_is_posted_signed_and_retried(postgres_stack, receiver: s
     assert [status for status, _, _ in Receiver.received] == [500, 500, 200]
     assert events[-3:] == ["webhook_attempt_failed", "webhook_attempt_failed", "webhook_delivered"]
     _, headers, body = Receiver.received[-1]
-    assert verify(WEBHOOK_SECRET, headers[SIGNATURE_HEADER], body)
+    secret = postgres_stack.env["DPFT_WEBHOOK_SECRET"]
+    assert verify(secret, headers[SIGNATURE_HEADER], body)
     assert not verify("another-secret", headers[SIGNATURE_HEADER], body)
-    assert not verify(WEBHOOK_SECRET, headers[SIGNATURE_HEADER], body.replace(b"succeeded", b"failed"))
+    assert not verify(secret, headers[SIGNATURE_HEADER], body.replace(b"succeeded", b"failed"))
     payload = json.loads(body)
     assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job["id"]
     assert payload["data"]["epsilon"] <= 2.0
