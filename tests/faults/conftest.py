@@ -27,42 +27,15 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service import processes
-from service.auth import create_api_key
 from service.client import Client
 from service.db import make_engine
 from service.models import Job, JobMetric, JobStatus, PrivacyLedgerEntry
+from tests.conftest import PG_START, create_key
 
 LEASE_S = 6.0
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 SAMPLE = Path(str(resources.files("service.data") / "sample.jsonl"))
 PG_STOP = ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "stop", "-m", "fast"]
-PG_START = ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "start"]
-REDIS_START = [
-    "redis-server",
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "--port",
-    "6379",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-]
-
-
-def create_key(database_url: str, tenant: str) -> str:
-    engine = make_engine(database_url)
-    try:
-        with Session(engine) as session:
-            key = create_api_key(session, tenant)
-            session.commit()
-        return key
-    finally:
-        engine.dispose()
-
-
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
     """Poll `condition` until it returns something truthy; fail with `what` after `timeout` s."""
     deadline = time.monotonic() + timeout

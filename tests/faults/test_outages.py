@@ -12,7 +12,9 @@ import time
 import pytest
 import redis
 
-from .conftest import REDIS_START, FaultStack, assert_one_clean_series, restart_postgres_after, wait_for
+from tests.conftest import REDIS_START
+
+from .conftest import FaultStack, assert_one_clean_series, restart_postgres_after, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
