@@ -147,6 +147,11 @@ def write_privacy_report(job: Job, output_dir: Path, steps: int, epsilon: float)
             "(their epsilons add up: see the dataset's privacy ledger)",
         ],
     }
+    if job.task != "causal_lm":
+        report["not_covered"].append(
+            "the set of label values, read from the data to size the classification head (a label that only "
+            "one unit has is visible in the model's config)"
+        )
     (output_dir / "privacy_report.json").write_text(json.dumps(report, indent=2))
 
 
