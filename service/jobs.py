@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -128,6 +131,22 @@ def epsilon_reserved(session: Session, dataset_id: str) -> tuple[float, float]:
 
 def request_hash(request: JobCreate) -> str:
     return hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+_SQLITE_BUDGET_LOCK = threading.Lock()
+
+
+@contextmanager
+def budget_transaction(session: Session) -> Iterator[None]:
+    """Hold what makes a budget check and its reservation atomic until the caller commits.
+
+    PostgreSQL: the dataset row lock taken in `create_job`. SQLite (the embedded default, one API
+    process) ignores row locks, so job creations there are serialised in the process instead."""
+    if session.get_bind().dialect.name == "sqlite":
+        with _SQLITE_BUDGET_LOCK:
+            yield
+    else:
+        yield
 
 
 def create_job(session: Session, tenant: Tenant, request: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:

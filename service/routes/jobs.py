@@ -16,7 +16,7 @@ from service.artifacts import get_artifact_store
 from service.auth import CurrentTenant, DbSession
 from service.db import session_scope
 from service.errors import NotFound
-from service.jobs import cancel_job, create_job, get_job, job_out, list_jobs, require_job
+from service.jobs import budget_transaction, cancel_job, create_job, get_job, job_out, list_jobs, require_job
 from service.models import Job, JobEvent, JobMetric, JobStatus
 from service.queue import enqueue_training
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, ListResponse, MetricPoint, MetricsPage
@@ -36,11 +36,12 @@ def create(
         Header(max_length=200, description="Repeat a request safely: the same key returns the same job."),
     ] = None,
 ) -> JobOut:
-    job, created = create_job(session, tenant, request, idempotency_key)
+    with budget_transaction(session):
+        job, created = create_job(session, tenant, request, idempotency_key)
+        session.commit()  # the job must be in the database before a worker can be told about it
     if not created:
         response.status_code = 200
         return job_out(job)
-    session.commit()  # the job must be in the database before a worker can be told about it
     try:
         enqueue_training(job.id)
     except Exception:  # the broker is down: the job stays queued and the sweeper re-sends it
