@@ -78,11 +78,12 @@ def _safe_url() -> str:
 def api(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="API processes (each serves requests and drains webhooks).")] = 1,
 ) -> None:
     """Serve the HTTP API (uvicorn)."""
     import uvicorn
 
-    uvicorn.run("service.app:app", host=host, port=port, log_level="info")
+    uvicorn.run("service.app:app", host=host, port=port, log_level="info", workers=workers)
 
 
 @app.command()
