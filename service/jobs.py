@@ -269,6 +269,19 @@ def estimated_finish(job: Job) -> datetime | None:
     return job.started_at + elapsed * (job.total_steps / job.step)
 
 
+def settle_ledger(session: Session, job_id: str) -> float:
+    """Turn the job's reservation into what it spent: its recorded epsilon, and its delta if it took any
+    step (none if it took none). Returns the epsilon spent."""
+    spent = float(session.scalar(select(Job.epsilon).where(Job.id == job_id)) or 0.0)
+    delta = PrivacyLedgerEntry.delta if spent > 0 else 0.0
+    session.execute(
+        update(PrivacyLedgerEntry)
+        .where(PrivacyLedgerEntry.job_id == job_id)
+        .values(epsilon=spent, delta=delta, state="spent")
+    )
+    return spent
+
+
 def cancel_job(session: Session, job: Job) -> Job:
     """A queued job is cancelled at once; a running one is asked to stop (the trainer checks)."""
     if JobStatus(job.status).is_terminal:
@@ -279,12 +292,7 @@ def cancel_job(session: Session, job: Job) -> Job:
         .values(status=JobStatus.cancelled, stop_reason="cancelled", finished_at=utcnow(), cancel_requested=True)
     ).rowcount
     if cancelled_now:
-        spent = float(job.epsilon or 0.0)  # a job back in the queue after a lost worker has spent some
-        session.execute(
-            update(PrivacyLedgerEntry)
-            .where(PrivacyLedgerEntry.job_id == job.id)
-            .values(epsilon=spent, delta=PrivacyLedgerEntry.delta if spent else 0.0, state="spent")
-        )
+        spent = settle_ledger(session, job.id)  # a job back in the queue after a lost worker has spent some
         if spent:
             add_event(session, job.id, "cancelled", f"Cancelled while queued to resume; epsilon {spent:.4f} spent.")
         else:

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 from service.db import session_scope
-from service.jobs import add_event
-from service.models import Job, JobStatus, PrivacyLedgerEntry, utcnow
+from service.jobs import add_event, settle_ledger
+from service.models import Job, JobStatus, utcnow
 from service.queue import QUEUE, enqueue_training
 from service.settings import Settings, get_settings
 
@@ -39,15 +38,6 @@ HELD = (JobStatus.running, JobStatus.cancelling)
 JOB_ID = re.compile(r"job_[0-9a-f]{24}")  # service.models.new_id("job")
 #: Redis keys kombu uses for one queue's priority levels (priority 0 is the bare name).
 PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-
-
-def settle_ledger(session: Session, job_id: str) -> float:
-    """Charge the job's ledger entry with the epsilon it spent (the job's recorded epsilon)."""
-    spent = float(session.scalar(select(Job.epsilon).where(Job.id == job_id)) or 0.0)
-    session.execute(
-        update(PrivacyLedgerEntry).where(PrivacyLedgerEntry.job_id == job_id).values(epsilon=spent, state="spent")
-    )
-    return spent
 
 
 @dataclass

@@ -30,12 +30,12 @@ from sqlalchemy import select, update
 from service.artifacts import get_artifact_store
 from service.datasets import load_records
 from service.db import session_scope
-from service.jobs import add_event
+from service.jobs import add_event, settle_ledger
 from service.models import Dataset, Job, JobStatus, utcnow
 from service.queue import TRAIN_TASK, get_celery
 from service.settings import get_settings
 from worker.metrics import LeaseLost, MetricRow, MetricsWriter
-from worker.sweeper import send, settle_ledger
+from worker.sweeper import send
 
 logger = logging.getLogger(__name__)
 app = get_celery()
