@@ -227,6 +227,7 @@ def main() -> None:
         action="store_true",
         help="every dashboard first fetches the whole curve so far (cold start) instead of polling from the current step",
     )
+    parser.add_argument("--api-workers", type=int, default=1, help="API processes (dpft api --workers)")
     parser.add_argument("--_train")
     parser.add_argument("--_with", type=int, default=1)
     parser.add_argument("--_steps", type=int, default=200)
@@ -272,7 +273,7 @@ def main() -> None:
         engine.dispose()
         port = processes.free_port()
         url = f"http://127.0.0.1:{port}"
-        api = processes.start(processes.api_command("127.0.0.1", port), env=env, log_path=root / "api.log")
+        api = processes.start(processes.api_command("127.0.0.1", port, args.api_workers), env=env, log_path=root / "api.log")
         started.append(api)
         processes.wait_for_http(f"{url}/healthz", api)
         sample = Path(str(resources.files("service.data") / "sample.jsonl"))

@@ -44,19 +44,9 @@ def worker_command(extra: list[str] | None = None) -> list[str]:
     ]
 
 
-def api_command(host: str, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "service.app:app",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
+def api_command(host: str, port: int, workers: int = 1) -> list[str]:
+    command = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", host, "--port", str(port)]
+    return [*command, "--log-level", "warning", *(["--workers", str(workers)] if workers > 1 else [])]
 
 
 def start(
