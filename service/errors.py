@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,14 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "error"
         )
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(DataError)
+    async def _out_of_range(_request: Request, exc: DataError) -> JSONResponse:
+        logger.warning("value refused by the database: %s", exc.orig)
+        return JSONResponse(
+            error_body("invalid_request", "A value in the request is out of the range this API stores."),
+            status_code=422,
+        )
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)

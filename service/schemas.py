@@ -52,6 +52,7 @@ class Hyperparameters(StrictModel):
     seed: int | None = Field(
         None,
         ge=0,
+        le=2**32 - 1,
         description="Seed for data order and initialisation (not for the DP noise, which is secure).",
     )
 

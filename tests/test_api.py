@@ -382,3 +382,10 @@ def test_an_oversized_body_is_refused_while_it_streams_in(api, tenant_key: str) 
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("path", ["metrics?since_step=2147483648", "events?after=99999999999"])
+def test_out_of_range_cursors_are_422(api, tenant_key: str, dataset: dict, path: str) -> None:  # type: ignore[no-untyped-def]
+    job = api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(dataset["id"])).json()
+    response = api.get(f"/v1/jobs/{job['id']}/{path}", headers=auth(tenant_key))
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
