@@ -45,24 +45,17 @@ def _search(f: Callable[[float], float], lo: float, f_lo: float, hi: float, f_hi
         step = math.log1p(rtol) * 0.9
         if fs <= 0:
             hi, f_hi = s, fs
-            s2 = math.exp(x - step)
-            if s2 > lo and hi / lo > 1 + rtol:
-                f2 = f(s2)
-                evals += 1
-                if f2 <= 0:
-                    hi, f_hi = s2, f2
-                else:
-                    lo, f_lo = s2, f2
         else:
             lo, f_lo = s, fs
-            s2 = math.exp(x + step)
-            if s2 < hi and hi / lo > 1 + rtol:
-                f2 = f(s2)
-                evals += 1
-                if f2 <= 0:
-                    hi, f_hi = s2, f2
-                else:
-                    lo, f_lo = s2, f2
+        # Probe just across the crossing from s: one more evaluation often closes the bracket.
+        s2 = math.exp(x - step if fs <= 0 else x + step)
+        if lo < s2 < hi and hi / lo > 1 + rtol:
+            f2 = f(s2)
+            evals += 1
+            if f2 <= 0:
+                hi, f_hi = s2, f2
+            else:
+                lo, f_lo = s2, f2
     return hi
 
 
