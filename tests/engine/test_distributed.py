@@ -70,6 +70,9 @@ def _worker(output: Path, case: str) -> None:
         },
         output / f"rank{trainer.rank}.pt",
     )
+    # Leaving the group open lets gloo's threads abort the process at interpreter exit (CI saw it).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _launch(tmp_path: Path, case: str) -> list[dict]:
