@@ -3,6 +3,7 @@
     .venv/bin/python bench/solver.py --tight    # all specs, all baselines, tight sigma (10-20 minutes)
     .venv/bin/python bench/solver.py --quick    # 8 specs, baselines on them too
     .venv/bin/python bench/solver.py --no-baselines
+    .venv/bin/python bench/solver.py --random 1000   # dpft alone on 1000 random specs: time spread
 
 For each spec it prints the noise multiplier and wall time of
 
@@ -124,7 +125,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=120, help="seconds allowed per baseline call")
     ap.add_argument("--max-grid", type=float, default=4e6,
                     help="skip PRV baselines whose grid would exceed this many points (memory)")
+    ap.add_argument("--random", type=int, default=0, metavar="N",
+                    help="instead: time dpft alone on N random specs from the issue's spread, print the slowest")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.random:
+        random_spread(args.random, args.seed)
+        return
 
     specs = [SPECS[i] for i in QUICK] if args.quick else SPECS
     plan_privacy(num_units=12_345, batch_size=67, epochs=2, target_epsilon=3.3)  # warm-up (imports, caches)
@@ -173,6 +180,38 @@ def main() -> None:
     if rel_t:
         print(f"dpft noise / tight noise ({len(rel_t)} specs): median {statistics.median(rel_t):.4f}, "
               f"worst {max(rel_t):.4f}, best {min(rel_t):.4f}")
+
+
+def random_spread(count: int, seed: int) -> None:
+    """Time ``plan_privacy`` on ``count`` specs drawn log-uniformly from the realistic spread:
+    10^3..10^7 units, q 1e-4..0.5, 10..10^6 steps, target epsilon 0.1..50, default delta. A refusal
+    (no noise multiplier up to the solver's limit meets the target) is an answer too and is timed."""
+    import random
+
+    rng = random.Random(seed)
+
+    def log_uniform(lo: float, hi: float) -> float:
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+
+    plan_privacy(num_units=12_345, batch_size=67, epochs=2, target_epsilon=3.3)  # warm-up
+    timed = []
+    for i in range(count):
+        n = round(log_uniform(1e3, 1e7))
+        b = min(max(1, round(log_uniform(1e-4, 0.5) * n)), n // 2)
+        steps = round(log_uniform(10, 1e6))
+        eps = log_uniform(0.1, 50)
+        plan, t, err = _time(partial(plan_privacy, num_units=n, batch_size=b, max_steps=steps, target_epsilon=eps))
+        outcome = f"sigma {plan.noise_multiplier:.4f}" if plan is not None else f"refused: {err[:60]}"
+        timed.append((t, f"N={n} batch={b} (q={b / n:.1e}) T={steps} eps={eps:.3g}", outcome))
+        if (i + 1) % 100 == 0:
+            print(f"{i + 1}/{count} specs timed", file=sys.stderr)
+    times = sorted(t for t, _, _ in timed)
+    print(f"dpft plan time over {count} random specs (seed {seed}): median {statistics.median(times) * 1e3:.0f} ms, "
+          f"p99 {times[int(0.99 * (count - 1))] * 1e3:.0f} ms, worst {times[-1] * 1e3:.0f} ms, "
+          f"over 1 s: {sum(t > 1 for t in times)}, refused: {sum(o.startswith('refused') for _, _, o in timed)}")
+    print("slowest:")
+    for t, spec, outcome in sorted(timed, reverse=True)[:10]:
+        print(f"  {t * 1e3:7.0f} ms  {spec}  {outcome}")
 
 
 def _print_row(row, args):
