@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from service import dashboard
 from service.auth import ensure_configured_keys
 from service.db import session_scope
-from service.errors import install_body_limit, install_error_handlers
+from service.errors import BodyLimit, install_error_handlers
 from service.observability import install_metrics
 from service.routes import datasets, jobs, privacy, system
 from service.settings import get_settings
@@ -58,7 +58,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    install_body_limit(app, get_settings().max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    app.add_middleware(BodyLimit, max_bytes=get_settings().max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
     install_metrics(app)
     app.include_router(system.router)
     app.include_router(datasets.router)

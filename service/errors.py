@@ -3,15 +3,16 @@ person can act on, rendered as ``{"error": {"code", "message", "param"}}``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -121,21 +122,57 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
-def install_body_limit(app: FastAPI, max_bytes: int) -> None:
-    """Refuse a request whose declared length is over the limit before its body is read (an upload
-    is otherwise spooled whole before the route sees it; a body without a length is still stopped by
-    the upload route's own count, once spooled)."""
+class _BodyOverLimit(Exception):
+    pass
 
-    @app.middleware("http")
-    async def refuse_oversized(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_bytes:
-            return JSONResponse(
-                error_body(
-                    "payload_too_large",
-                    f"The request body ({int(length)} bytes) is larger than this deployment accepts "
-                    "(DPFT_MAX_UPLOAD_BYTES).",
-                ),
-                status_code=413,
-            )
-        return await call_next(request)
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over ``max_bytes`` with 413 before it is stored.
+
+    A declared Content-Length over the limit is refused before anything is read; a body without
+    one (chunked) is counted as it streams in and cut off at the limit, so an oversized upload is
+    never spooled whole. Pure ASGI, because only the raw `receive` sees the body while it arrives."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _refusal(self, size: str) -> JSONResponse:
+        return JSONResponse(
+            error_body(
+                "payload_too_large",
+                f"The request body ({size}) is larger than this deployment accepts "
+                f"({self.max_bytes} bytes, set by DPFT_MAX_UPLOAD_BYTES).",
+            ),
+            status_code=413,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refusal(f"{int(declared)} bytes")(scope, receive, send)
+            return
+        received = 0
+        over = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    over = True
+                    raise _BodyOverLimit
+            return message
+
+        async def send_unless_over(message: Message) -> None:
+            if not over:  # the app's own answer to a body cut short is replaced by the 413 below
+                await send(message)
+
+        with contextlib.suppress(_BodyOverLimit):
+            await self.app(scope, counted_receive, send_unless_over)
+        if over:
+            await self._refusal(f"over {self.max_bytes} bytes")(scope, receive, send)

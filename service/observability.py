@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db import session_scope
 from service.models import Job, JobStatus
@@ -22,7 +23,7 @@ LATENCY = Histogram(
     "dpft_http_request_duration_seconds",
     "Time to answer an HTTP request.",
     ["method", "route"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=(0.0025, 0.005, 0.01, 0.015, 0.025, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
 
@@ -44,16 +45,35 @@ class JobsCollector(Collector):
 REGISTRY.register(JobsCollector())
 
 
-def install_metrics(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+class RequestMetrics:
+    """ASGI middleware: count and time every HTTP request by method, route template and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        LATENCY.labels(request.method, path).observe(time.perf_counter() - start)
-        REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        return response
+        status = 500
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            LATENCY.labels(scope["method"], path).observe(time.perf_counter() - start)
+            REQUESTS.labels(scope["method"], path, str(status)).inc()
+
+
+def install_metrics(app: FastAPI) -> None:
+    app.add_middleware(RequestMetrics)
 
     @app.get("/metrics", tags=["system"], summary="Prometheus metrics", include_in_schema=True)
     def metrics() -> Response:

@@ -373,7 +373,44 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_job(api, tenant
             assert "Idempotency-Key" in r.json()["error"]["message"]
 
 
-def test_an_oversized_body_is_refused_while_it_streams_in(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_chunked_upload_over_the_limit_is_cut_off_while_it_streams_in(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
+    # No Content-Length: the body arrives in 64 KiB messages and must be refused at the limit
+    # (256 KiB + 1 MiB multipart allowance here), not stored whole first. TestClient would send
+    # the body as one message, so the app is driven over ASGI directly.
+    import asyncio
+
+    chunk, chunks = b"x" * 65536, 64  # 4 MiB in all
+    part = b"--b\r\nContent-Disposition: form-data; name=file; filename=d.jsonl\r\n\r\n"
+    consumed = 0
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        nonlocal consumed
+        consumed += 1
+        body = part + chunk[len(part) :] if consumed == 1 else chunk
+        return {"type": "http.request", "body": body, "more_body": consumed < chunks}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/datasets", "raw_path": b"/v1/datasets", "query_string": b"", "root_path": "",
+        "headers": [(b"authorization", f"Bearer {tenant_key}".encode()),
+                    (b"content-type", b"multipart/form-data; boundary=b")],
+        "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+    }  # fmt: skip
+    stored_before = api.get("/v1/datasets", headers=auth(tenant_key)).json()["data"]
+    asyncio.run(api.app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 413
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert b"payload_too_large" in body and b"DPFT_MAX_UPLOAD_BYTES" in body
+    assert consumed == (256 * 1024 + (1 << 20)) // len(chunk) + 1  # read up to the limit, no further
+    assert api.get("/v1/datasets", headers=auth(tenant_key)).json()["data"] == stored_before
+
+
+def test_a_body_declared_over_the_limit_is_refused_before_it_is_read(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
     chunks = (b'{"text": "' + b"x" * 60_000 + b'"}\n' for _ in range(40))  # 2.4 MB, over limit + 1 MiB
     response = api.post(
         "/v1/datasets",
