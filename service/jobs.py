@@ -12,13 +12,16 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from fastapi.security import HTTPAuthorizationCredentials
+from sqlalchemy import Row, and_, exists, func, literal, null, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import presets
+from service.auth import tenant_of_key
+from service.db import autocommit_connection
 from service.errors import APIError, Conflict, InvalidRequest, NotFound
-from service.models import Dataset, Job, JobEvent, JobStatus, PrivacyLedgerEntry, Tenant, utcnow
+from service.models import Dataset, Job, JobEvent, JobMetric, JobStatus, PrivacyLedgerEntry, Tenant, utcnow
 from service.privacy import InfeasiblePrivacySpec, PrivacyPlan, plan_privacy
 from service.schemas import JobCreate, JobOut, PlanOut
 from service.settings import get_settings
@@ -62,6 +65,31 @@ def require_job(session: Session, tenant: Tenant, job_id: str) -> None:
     """404 unless the tenant has this job; cheaper than get_job for endpoints polled every second."""
     if session.scalar(select(Job.id).where(Job.id == job_id, Job.tenant_id == tenant.id)) is None:
         raise NotFound(f"No job {job_id!r}.", param="job_id")
+
+
+def poll_metrics(
+    job_id: str, credentials: HTTPAuthorizationCredentials | None, since_step: int, limit: int
+) -> tuple[list[Row], bool]:
+    """Up to ``limit + 1`` metrics points after ``since_step`` in step order, and whether the job
+    is the key's tenant's (no points then): dashboards poll this every second, so the key check,
+    ownership and page are one statement on a connection without a transaction. A caller that gets
+    False has a bad key or no such job, and asks `current_tenant` and `require_job` which."""
+    tenant_id = tenant_of_key(credentials)
+    owned = and_(Job.id == job_id, Job.tenant_id == tenant_id)
+    page = (
+        select(JobMetric.step, JobMetric.epsilon, JobMetric.loss, JobMetric.learning_rate, JobMetric.timestamp)
+        .join(Job, Job.id == JobMetric.job_id)
+        .where(owned, JobMetric.step > since_step)
+        .order_by(JobMetric.step)
+        .limit(limit + 1)
+        .subquery()
+    )
+    # One row with step 0 when the job is the caller's: points have step > since_step >= 0.
+    ownership = select(literal(0), literal(0.0), null(), null(), null()).where(exists().where(owned))
+    with autocommit_connection() as connection:
+        rows = connection.execute(union_all(select(page), ownership)).all()
+    points = sorted((row for row in rows if row.step > 0), key=lambda row: row.step)
+    return points, len(points) < len(rows)
 
 
 def add_event(session: Session, job_id: str, type_: str, message: str, **data: Any) -> None:

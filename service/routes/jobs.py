@@ -13,10 +13,19 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service.artifacts import get_artifact_store
-from service.auth import CurrentTenant, DbSession
+from service.auth import Credentials, CurrentTenant, DbSession, current_tenant
 from service.db import session_scope
 from service.errors import NotFound
-from service.jobs import budget_transaction, cancel_job, create_job, get_job, job_out, list_jobs, require_job
+from service.jobs import (
+    budget_transaction,
+    cancel_job,
+    create_job,
+    get_job,
+    job_out,
+    list_jobs,
+    poll_metrics,
+    require_job,
+)
 from service.models import Job, JobEvent, JobMetric, JobStatus
 from service.queue import enqueue_training
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, ListResponse, MetricPoint, MetricsPage
@@ -137,8 +146,7 @@ def read(job_id: str, session: DbSession, tenant: CurrentTenant) -> JobOut:
 @router.get("/{job_id}/metrics", response_model=MetricsPage, summary="Per-step epsilon, loss and learning rate")
 def metrics(
     job_id: str,
-    session: DbSession,
-    tenant: CurrentTenant,
+    credentials: Credentials,
     since_step: Annotated[int, Query(ge=0, le=MAX_INT32, description="Return points with step greater than this.")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000, description="Most points to return.")] = 1000,
     if_none_match: Annotated[
@@ -147,18 +155,12 @@ def metrics(
 ) -> MetricsPage | Response:
     """Keyset-paged: poll with `since_step` = the last `next_since_step` to get only new points.
     Send `If-None-Match` with the previous ETag to get an empty 304 when nothing is new."""
-    # Dashboards poll this every second: one query checks ownership and reads the page (a second
-    # one only when the page is empty, to tell "nothing new" from "no such job"), rows come back as
-    # tuples, and the JSON is written once rather than validated again against the response model.
-    rows = session.execute(
-        select(JobMetric.step, JobMetric.epsilon, JobMetric.loss, JobMetric.learning_rate, JobMetric.timestamp)
-        .join(Job, Job.id == JobMetric.job_id)
-        .where(Job.id == job_id, Job.tenant_id == tenant.id, JobMetric.step > since_step)
-        .order_by(JobMetric.step)
-        .limit(limit + 1)
-    ).all()
-    if not rows:
-        require_job(session, tenant, job_id)
+    # Dashboards poll this every second: one database round trip answers it (see poll_metrics),
+    # and the JSON is written once rather than validated again against the response model.
+    rows, owned = poll_metrics(job_id, credentials, since_step, limit)
+    if not owned:
+        with session_scope() as session:  # a bad key is 401; another tenant's job, or none, 404
+            require_job(session, current_tenant(session, credentials), job_id)
     page = rows[:limit]
     last_step = page[-1].step if page else since_step
     etag = f'W/"{job_id}:{since_step}:{limit}:{last_step}:{len(rows)}"'
