@@ -161,7 +161,23 @@ def measure_writes(env: dict, job_id: str, steps: int, reps: int) -> dict:
 # ---- 2. pollers ----------------------------------------------------------------------------------
 
 
-async def poll(n: int, url: str, key: str, job_id: str, duration: float, since_step: int) -> dict:
+METRICS_ROUTE = 'route="/v1/jobs/{job_id}/metrics"'
+
+
+def server_buckets(prometheus_text: str) -> dict[float, float]:
+    """Cumulative counts per upper bound of the API's own latency histogram for metrics polls."""
+    counts: dict[float, float] = {}
+    for line in prometheus_text.splitlines():
+        if line.startswith("dpft_http_request_duration_seconds_bucket{") and METRICS_ROUTE in line:
+            bound = float(line.split('le="')[1].split('"')[0])
+            counts[bound] = counts.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+async def poll(n: int, url: str, key: str, job_id: str, duration: float, since_step: int, server_side: bool) -> dict:
+    """``server_side``: also read the API's own histogram (``/metrics``) before and after the measured
+    window, to tell time spent in the API from queueing in this client process (one API process
+    only: with more, each scrape sees one process's counts)."""
     import httpx
 
     latencies: list[float] = []
@@ -196,7 +212,22 @@ async def poll(n: int, url: str, key: str, job_id: str, duration: float, since_s
                     since = body["next_since_step"]
                 await asyncio.sleep(max(0.0, 1.0 - took))
 
-        await asyncio.gather(*(dashboard() for _ in range(n)))
+        async def scrape_at(when: float) -> dict[float, float]:
+            await asyncio.sleep(max(0.0, when - time.monotonic()))
+            return server_buckets((await client.get("/metrics")).text) if server_side else {}
+
+        before, *_ = await asyncio.gather(scrape_at(measure_from), *(dashboard() for _ in range(n)))
+        after = await scrape_at(0)
+    server = {}
+    if after:
+        answered = after[float("inf")] - before.get(float("inf"), 0.0)
+        within = {bound: (after[bound] - before.get(bound, 0.0)) / answered for bound in sorted(after)}
+        server = {
+            "server_requests": answered,
+            "server_within_25ms": within[0.025],
+            "server_within_50ms": within[0.05],
+            "server_p99_at_most_ms": 1000 * min(bound for bound, share in within.items() if share >= 0.99),
+        }
     latencies.sort()
 
     def pct(p: float) -> float:
@@ -213,6 +244,7 @@ async def poll(n: int, url: str, key: str, job_id: str, duration: float, since_s
         "max_ms": latencies[-1] * 1000 if latencies else float("nan"),
         "codes": codes,
         "errors": errors,
+        **server,
     }
 
 
@@ -273,7 +305,9 @@ def main() -> None:
         engine.dispose()
         port = processes.free_port()
         url = f"http://127.0.0.1:{port}"
-        api = processes.start(processes.api_command("127.0.0.1", port, args.api_workers), env=env, log_path=root / "api.log")
+        api = processes.start(
+            processes.api_command("127.0.0.1", port, args.api_workers), env=env, log_path=root / "api.log"
+        )
         started.append(api)
         processes.wait_for_http(f"{url}/healthz", api)
         sample = Path(str(resources.files("service.data") / "sample.jsonl"))
@@ -308,7 +342,7 @@ def main() -> None:
             with Client(url, api_key=key) as client:
                 step0, t0 = client.get_job(job)["step"], time.monotonic()
             start_at = 0 if args.from_start else step0
-            result = asyncio.run(poll(n, url, key, job, args.duration, start_at))
+            result = asyncio.run(poll(n, url, key, job, args.duration, start_at, server_side=args.api_workers == 1))
             try:
                 with Client(url, api_key=key, timeout=120) as client:
                     result["train_steps_per_s"] = (client.get_job(job)["step"] - step0) / (time.monotonic() - t0)
@@ -319,7 +353,13 @@ def main() -> None:
             print(
                 f"  N={n}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
                 f"max {result['max_ms']:.0f} ms, codes {result['codes']}, errors {result['errors']}, "
-                f"training {result['train_steps_per_s']:.1f} steps/s {result.get('after', '')}",
+                f"training {result['train_steps_per_s']:.1f} steps/s {result.get('after', '')}"
+                + (
+                    f"; in the API: {result['server_within_50ms']:.1%} answered within 50 ms, "
+                    f"{result['server_within_25ms']:.1%} within 25 ms, p99 at most {result['server_p99_at_most_ms']:g} ms"
+                    if "server_requests" in result
+                    else ""
+                ),
                 flush=True,
             )
         with contextlib.suppress(httpx.HTTPError), Client(url, api_key=key, timeout=120) as client:
