@@ -328,6 +328,34 @@ def test_metrics_answer_304_when_nothing_is_new(api, tenant_key: str, dataset: d
     assert "not covered" in first.json()["note"]
 
 
+def test_metrics_pages_follow_the_steps_and_refuse_bad_keys(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
+    from service.auth import create_api_key, revoke_api_key
+    from service.db import session_scope
+    from service.models import JobMetric, utcnow
+
+    job = api.post("/v1/jobs", headers=auth(tenant_key), json=job_body(dataset["id"])).json()["id"]
+    with session_scope() as session:
+        session.add_all(
+            JobMetric(job_id=job, step=step, epsilon=0.01 * step, loss=2.0, learning_rate=1e-3, timestamp=utcnow())
+            for step in (3, 1, 2, 5, 4)
+        )
+        revoked = create_api_key(session, "metrics-revoked")
+        session.flush()
+        revoke_api_key(session, revoked)
+    url = f"/v1/jobs/{job}/metrics"
+    first = api.get(url, headers=auth(tenant_key), params={"since_step": 0, "limit": 2}).json()
+    assert [p["step"] for p in first["data"]] == [1, 2] and first["has_more"] and first["next_since_step"] == 2
+    rest = api.get(url, headers=auth(tenant_key), params={"since_step": 2}).json()
+    assert [p["step"] for p in rest["data"]] == [3, 4, 5] and not rest["has_more"]
+    assert [p["epsilon"] for p in rest["data"]] == [0.03, 0.04, 0.05]
+    for headers in ({}, auth("dpft_not-a-key"), auth(revoked)):
+        response = api.get(url, headers=headers)
+        assert response.status_code == 401, headers
+        assert response.json()["error"]["code"] == "unauthorized"
+    missing = api.get("/v1/jobs/job_nope/metrics", headers=auth(tenant_key))
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
 def test_concurrent_job_creations_cannot_together_overspend_a_budget(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
     from concurrent.futures import ThreadPoolExecutor
 
