@@ -237,6 +237,26 @@ def test_a_running_job_stops_for_the_first_reason_that_applies(queued_job: str) 
         tasks.SHUTDOWN.clear()
 
 
+def test_a_shutdown_hand_back_uses_up_an_attempt_only_without_progress(queued_job: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from worker import tasks
+
+    monkeypatch.setattr(tasks, "send", lambda job_id: None)  # the broker's part is the fault tests'
+
+    def attempt_after_hand_back(name: str, step: int, started_at_step: int) -> int:
+        assert claim(queued_job, name)
+        assert tasks.hand_back(queued_job, name, step, started_at_step=started_at_step)
+        with session_scope() as session:
+            job = session.get(Job, queued_job)
+            assert (job.status, job.worker) == ("queued", None)
+            return job.attempt
+
+    assert attempt_after_hand_back("worker-a", 20, started_at_step=0) == 0, "progress: not a failed attempt"
+    assert attempt_after_hand_back("worker-b", 20, started_at_step=20) == 1, "no progress: counted"
+    assert attempt_after_hand_back("worker-c", 20, started_at_step=20) == 2
+    counted = [e.data["counted"] for e in events_of(queued_job) if e.type == "requeued"]
+    assert counted == [False, True, True]
+
+
 def test_failure_reasons_for_time_limits_and_out_of_memory() -> None:
     from celery.exceptions import SoftTimeLimitExceeded
 

@@ -215,29 +215,36 @@ def durable_checkpoints(attempt: Attempt) -> Any:
     return DurableCheckpoints()
 
 
-def hand_back(job_id: str, name: str, step: int) -> bool:
-    """Put a job this worker holds back in the queue (warm shutdown) and send it again."""
-    done = retrying(lambda: _requeue(job_id, name, step), f"handing job {job_id} back")
+def hand_back(job_id: str, name: str, step: int, started_at_step: int) -> bool:
+    """Put a job this worker holds back in the queue (warm shutdown) and send it again.
+
+    A shutdown is not the job's failure: when this attempt got past ``started_at_step`` (its
+    checkpoint at shutdown holds the progress) it does not count toward DPFT_MAX_ATTEMPTS, so rolling
+    restarts cannot fail a healthy job. One that made no progress does count, so a job whose worker
+    is always stopped before its first new checkpoint still ends."""
+    done = retrying(lambda: _requeue(job_id, name, step, step > started_at_step), f"handing job {job_id} back")
     if done:
         send(job_id)
     return bool(done)
 
 
-def _requeue(job_id: str, name: str, step: int) -> int:
+def _requeue(job_id: str, name: str, step: int, progressed: bool) -> int:
     with session_scope() as session:
         done = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.worker == name, Job.status == JobStatus.running)
-            .values(status=JobStatus.queued, worker=None)
+            .values(status=JobStatus.queued, worker=None, attempt=Job.attempt - 1 if progressed else Job.attempt)
         ).rowcount
         if done:
             add_event(
                 session,
                 job_id,
                 "requeued",
-                f"Worker {name} is shutting down: checkpoint at step {step}, job handed back to the queue.",
+                f"Worker {name} is shutting down: checkpoint at step {step}, job handed back to the queue"
+                + (" (not counted as a failed attempt)." if progressed else " (no progress: counted as an attempt)."),
                 reason="worker_shutdown",
                 step=step,
+                counted=not progressed,
             )
     return done
 
@@ -258,10 +265,10 @@ def run_job(attempt: Attempt, attempt_number: int) -> None:
     output_dir = store.path(f"jobs/{job_id}")
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = latest_checkpoint(output_dir)
-    if attempt_number > 1:
+    from_step = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint is not None else 0
+    if attempt_number > 1 or checkpoint is not None:  # a hand-back after progress keeps its number
         with session_scope() as session:
             if checkpoint is not None:
-                from_step = int(checkpoint.name.rsplit("-", 1)[-1])
                 add_event(
                     session,
                     job_id,
@@ -315,7 +322,7 @@ def run_job(attempt: Attempt, attempt_number: int) -> None:
         writer.flush_until(max(settings.metrics_max_outage_s, settings.heartbeat_lease_s))
 
     if reason == "shutdown":
-        if hand_back(job_id, name, outcome.steps):
+        if hand_back(job_id, name, outcome.steps, started_at_step=from_step):
             logger.warning("job=%s handed back at step %d (worker shutdown)", job_id, outcome.steps)
             return
         reason = attempt.stop_reason() or "cancelled"  # not running any more: a cancel came in meanwhile

@@ -97,6 +97,7 @@ def test_sigterm_checkpoints_and_hands_the_job_back(fault_stack: FaultStack) -> 
     resumed = next(e for e in events if e["type"] == "resumed")
     assert resumed["data"]["from_step"] == stopped_at, "resumed from the checkpoint taken at shutdown"
     assert "checkpoint" in requeued["message"]
+    assert final.attempt == 1 and requeued["data"]["counted"] is False, "a shutdown is not a failed attempt"
 
 
 def test_cancel_during_training_ends_within_a_few_steps_and_charges_the_ledger(fault_stack: FaultStack) -> None:
