@@ -181,6 +181,8 @@ def main() -> None:
     options = parser.parse_args()
     if options.one:
         model_name, lora, mode = options.one
+        if lora not in ("lora", "full") or mode not in MODES:
+            parser.error(f"--one MODEL {{lora,full}} {{{','.join(MODES)}}}; got {lora} {mode}")
         result = run_one(model_name, lora == "lora", mode, options.steps, options.warmup, options.threads)
         print(json.dumps(result))
         return
