@@ -177,10 +177,29 @@ def budget_transaction(session: Session) -> Iterator[None]:
         yield
 
 
+def hold_idempotency_key(session: Session, tenant: Tenant, key: str) -> None:
+    """409 when another request with this key is being processed right now (before either solves).
+
+    PostgreSQL: a transaction-scoped advisory lock on (tenant, key), held until this request commits
+    or rolls back, so a later request with the key either finds it held (409) or finds the job it
+    created. SQLite, the one-process embedded default, serialises job creations instead
+    (`budget_transaction`): a second request waits for the first and then gets its job. The unique
+    (tenant, key) index stays the backstop in both."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    digest = hashlib.sha256(f"{tenant.id}\0{key}".encode()).digest()
+    if not session.scalar(select(func.pg_try_advisory_xact_lock(int.from_bytes(digest[:8], "big", signed=True)))):
+        raise Conflict(IN_FLIGHT, param="Idempotency-Key")
+
+
+IN_FLIGHT = "A request with this Idempotency-Key is already being processed; retry shortly."
+
+
 def create_job(session: Session, tenant: Tenant, request: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
     """Validate, solve, reserve the budget and store a queued job. Returns (job, created)."""
     body_hash = request_hash(request)
     if idempotency_key:
+        hold_idempotency_key(session, tenant, idempotency_key)
         existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
         if existing is not None:
             if existing.request_hash != body_hash:
@@ -244,7 +263,7 @@ def create_job(session: Session, tenant: Tenant, request: JobCreate, idempotency
         session.flush()
     except IntegrityError:
         session.rollback()
-        raise Conflict("A request with this Idempotency-Key is already being processed; retry shortly.") from None
+        raise Conflict(IN_FLIGHT, param="Idempotency-Key") from None
     session.add(
         PrivacyLedgerEntry(
             dataset_id=dataset.id, job_id=job.id, epsilon=plan.epsilon, delta=plan.delta, state="reserved"

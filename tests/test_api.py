@@ -401,6 +401,40 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_job(api, tenant
             assert "Idempotency-Key" in r.json()["error"]["message"]
 
 
+def test_a_request_while_the_first_with_its_idempotency_key_is_in_flight_is_409(
+    api, tenant_key: str, dataset: dict, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service import jobs
+
+    solving, release = threading.Event(), threading.Event()
+    real_solve = jobs.solve_plan
+
+    def first_solve_waits(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not solving.is_set():
+            solving.set()
+            release.wait(30)
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "solve_plan", first_solve_waits)
+    headers = {**auth(tenant_key), "Idempotency-Key": "in-flight-key"}
+    body = job_body(dataset["id"])
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(api.post, "/v1/jobs", headers=headers, json=body)
+        assert solving.wait(30)
+        second = api.post("/v1/jobs", headers=headers, json=body)
+        release.set()
+        first = first.result(timeout=60)
+    assert second.status_code == 409, second.text
+    assert second.json()["error"]["param"] == "Idempotency-Key"
+    assert "already being processed" in second.json()["error"]["message"]
+    assert first.status_code == 201
+    third = api.post("/v1/jobs", headers=headers, json=body)
+    assert third.status_code == 200 and third.json()["id"] == first.json()["id"]
+
+
 def test_a_chunked_upload_over_the_limit_is_cut_off_while_it_streams_in(api, tenant_key: str) -> None:  # type: ignore[no-untyped-def]
     # No Content-Length: the body arrives in 64 KiB messages and must be refused at the limit
     # (256 KiB + 1 MiB multipart allowance here), not stored whole first. TestClient would send
