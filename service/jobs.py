@@ -177,6 +177,9 @@ def budget_transaction(session: Session) -> Iterator[None]:
         yield
 
 
+IN_FLIGHT = "A request with this Idempotency-Key is already being processed; retry shortly."
+
+
 def hold_idempotency_key(session: Session, tenant: Tenant, key: str) -> None:
     """409 when another request with this key is being processed right now (before either solves).
 
@@ -190,9 +193,6 @@ def hold_idempotency_key(session: Session, tenant: Tenant, key: str) -> None:
     digest = hashlib.sha256(f"{tenant.id}\0{key}".encode()).digest()
     if not session.scalar(select(func.pg_try_advisory_xact_lock(int.from_bytes(digest[:8], "big", signed=True)))):
         raise Conflict(IN_FLIGHT, param="Idempotency-Key")
-
-
-IN_FLIGHT = "A request with this Idempotency-Key is already being processed; retry shortly."
 
 
 def create_job(session: Session, tenant: Tenant, request: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
