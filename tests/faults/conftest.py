@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from service import processes
 from service.client import Client
 from service.db import make_engine
+from service.migrate import upgrade
 from service.models import Job, JobMetric, JobStatus, PrivacyLedgerEntry
 from tests.conftest import PG_START, create_key
 
@@ -36,6 +37,8 @@ LEASE_S = 6.0
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 SAMPLE = Path(str(resources.files("service.data") / "sample.jsonl"))
 PG_STOP = ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "stop", "-m", "fast"]
+
+
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
     """Poll `condition` until it returns something truthy; fail with `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -158,14 +161,11 @@ class FaultStack:
     _engine: Any = None
 
 
-@pytest.fixture
-def fault_stack(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[FaultStack]:
+def _fault_stack(database_url: str, broker_env: dict[str, str], tmp_path: Path) -> Iterator[FaultStack]:
     env = {name: "" for name in os.environ if name.startswith("DPFT_")}
     env.update(
         {
-            "DPFT_DATABASE_URL": postgres_url,
-            "DPFT_BROKER_URL": redis_url,
-            "DPFT_BROKER_KEY_PREFIX": f"dpft-faults-{secrets.token_hex(4)}:",
+            **broker_env,
             "DPFT_DATA_DIR": str(tmp_path),
             "DPFT_ARTIFACT_DIR": str(tmp_path / "artifacts"),
             "DPFT_METRICS_FLUSH_S": "0.5",
@@ -180,14 +180,13 @@ def fault_stack(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[F
     api = processes.start(processes.api_command("127.0.0.1", port), env=env, log_path=tmp_path / "api.log")
     stack = FaultStack(
         url=f"http://127.0.0.1:{port}",
-        database_url=postgres_url,
+        database_url=database_url,
         env=env,
         root=tmp_path,
         api=api,
-        key=create_key(postgres_url, f"faults-{secrets.token_hex(3)}"),
+        key=create_key(database_url, f"faults-{secrets.token_hex(3)}"),
     )
-    stack._engine = make_engine(postgres_url)
-    created: set[str] = set()
+    stack._engine = make_engine(database_url)
     try:
         processes.wait_for_http(f"{stack.url}/healthz", api)
         yield stack
@@ -213,7 +212,25 @@ def fault_stack(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[F
         ARTIFACTS.mkdir(exist_ok=True)
         for path in tmp_path.glob("*.log"):
             shutil.copy(path, ARTIFACTS / f"faults-{tmp_path.name}-{path.name}")
-        del created
+
+
+@pytest.fixture
+def fault_stack(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[FaultStack]:
+    """PostgreSQL and Redis, as in production."""
+    broker = {
+        "DPFT_DATABASE_URL": postgres_url,
+        "DPFT_BROKER_URL": redis_url,
+        "DPFT_BROKER_KEY_PREFIX": f"dpft-faults-{secrets.token_hex(4)}:",
+    }
+    yield from _fault_stack(postgres_url, broker, tmp_path)
+
+
+@pytest.fixture
+def embedded_fault_stack(tmp_path: Path) -> Iterator[FaultStack]:
+    """The embedded default (SQLite, a broker in SQLite): nothing set but the data directory."""
+    database_url = f"sqlite:///{tmp_path / 'dpft.db'}"
+    upgrade(database_url)
+    yield from _fault_stack(database_url, {}, tmp_path)
 
 
 def assert_one_clean_series(stack: FaultStack, job_id: str, steps: int, plan_epsilon: float) -> list[JobMetric]:

@@ -17,8 +17,9 @@ from .conftest import LEASE_S, FaultStack, assert_one_clean_series, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_sigkilled_worker_job_resumes_on_a_new_worker(fault_stack: FaultStack) -> None:
-    stack = fault_stack
+@pytest.mark.parametrize("stack_fixture", ["fault_stack", "embedded_fault_stack"])
+def test_sigkilled_worker_job_resumes_on_a_new_worker(stack_fixture: str, request: pytest.FixtureRequest) -> None:
+    stack: FaultStack = request.getfixturevalue(stack_fixture)  # PostgreSQL and Redis, or the embedded default
     stack.start_worker("a")
     job = stack.create_job(steps=60)
     plan = job["plan"]
