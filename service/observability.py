@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import Iterator
 
@@ -12,8 +13,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import Credentials
 from service.db import session_scope
+from service.errors import Unauthorized
 from service.models import Job, JobStatus
+from service.settings import get_settings
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter(
@@ -76,5 +80,10 @@ def install_metrics(app: FastAPI) -> None:
     app.add_middleware(RequestMetrics)
 
     @app.get("/metrics", tags=["system"], summary="Prometheus metrics", include_in_schema=True)
-    def metrics() -> Response:
+    def metrics(credentials: Credentials) -> Response:
+        """Request counts and latencies per route, and jobs per status over all tenants: for the
+        operator, so with DPFT_METRICS_TOKEN set it needs that token rather than an API key."""
+        token = get_settings().metrics_token
+        if token and (credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode())):
+            raise Unauthorized("GET /metrics needs `Authorization: Bearer <DPFT_METRICS_TOKEN>`.")
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     webhook_secret: str | None = Field(
         None, description="Secret for the HMAC signature of webhooks; jobs may name a webhook_url only when set."
     )
+    metrics_token: str | None = Field(
+        None,
+        description="Bearer token that GET /metrics requires; unset: /metrics is open (serve it on an internal "
+        "network only).",
+    )
     webhook_max_attempts: int = Field(8, ge=1, description="Webhook delivery attempts before giving up.")
     webhook_backoff_s: float = Field(2.0, gt=0, description="Wait before the first retry; doubles each time.")
     task_time_limit_s: int = Field(24 * 3600, description="Hard time limit of one training task.")

@@ -384,6 +384,16 @@ def test_prometheus_metrics(api, tenant_key: str) -> None:  # type: ignore[no-un
     assert 'dpft_jobs{status="queued"}' in text
 
 
+def test_prometheus_metrics_need_the_operator_token_when_one_is_set(api, tenant_key: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from service.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "metrics_token", "operator-secret")
+    for headers in ({}, auth(tenant_key), auth("operator-secre")):
+        response = api.get("/metrics", headers=headers)
+        assert response.status_code == 401 and "DPFT_METRICS_TOKEN" in response.json()["error"]["message"]
+    assert "dpft_http_requests_total" in api.get("/metrics", headers=auth("operator-secret")).text
+
+
 def test_concurrent_requests_with_one_idempotency_key_create_one_job(api, tenant_key: str, dataset: dict) -> None:  # type: ignore[no-untyped-def]
     from concurrent.futures import ThreadPoolExecutor
 
