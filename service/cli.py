@@ -79,11 +79,22 @@ def api(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="API processes (each serves requests and drains webhooks).")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level; `info` logs every request.")] = "info",
 ) -> None:
     """Serve the HTTP API (uvicorn)."""
+    import shutil
+
     import uvicorn
 
-    uvicorn.run("service.app:app", host=host, port=port, log_level="info", workers=workers)
+    from service.observability import MULTIPROCESS_DIR_VARIABLE, multiprocess_env
+
+    shared_metrics = multiprocess_env(workers)
+    os.environ.update(shared_metrics)
+    try:
+        uvicorn.run("service.app:app", host=host, port=port, log_level=log_level, workers=workers)
+    finally:
+        if shared_metrics:
+            shutil.rmtree(shared_metrics[MULTIPROCESS_DIR_VARIABLE], ignore_errors=True)
 
 
 @app.command()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hmac
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -46,7 +48,28 @@ class JobsCollector(Collector):
         yield gauge
 
 
-REGISTRY.register(JobsCollector())
+JOBS = JobsCollector()
+REGISTRY.register(JOBS)
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_env(workers: int) -> dict[str, str]:
+    """Environment for an API of ``workers`` processes: with more than one, each process writes its
+    counters under a shared directory (prometheus-client's multiprocess mode) so that a scrape,
+    whichever process answers it, shows the sum over all of them."""
+    if workers <= 1 or os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+        return {}
+    return {MULTIPROCESS_DIR_VARIABLE: tempfile.mkdtemp(prefix="dpft-api-metrics-")}
+
+
+def exposed_registry() -> CollectorRegistry:
+    """What GET /metrics shows: this process's registry, or in multiprocess mode all processes'."""
+    if not os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(JOBS)
+    return registry
 
 
 class RequestMetrics:
@@ -86,4 +109,4 @@ def install_metrics(app: FastAPI) -> None:
         token = get_settings().metrics_token
         if token and (credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode())):
             raise Unauthorized("GET /metrics needs `Authorization: Bearer <DPFT_METRICS_TOKEN>`.")
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(exposed_registry()), media_type=CONTENT_TYPE_LATEST)

@@ -45,13 +45,12 @@ def worker_command(extra: list[str] | None = None) -> list[str]:
 
 
 def api_command(host: str, port: int, workers: int = 1) -> list[str]:
-    command = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", host, "--port", str(port)]
-    return [*command, "--log-level", "warning", *(["--workers", str(workers)] if workers > 1 else [])]
+    """`dpft api` without the access log (it is what sets up metrics shared between processes)."""
+    command = [sys.executable, "-m", "service.cli", "api", "--host", host, "--port", str(port)]
+    return [*command, "--workers", str(workers), "--log-level", "warning"]
 
 
-def start(
-    command: list[str], env: Mapping[str, str] | None = None, log_path: Path | None = None
-) -> subprocess.Popen:
+def start(command: list[str], env: Mapping[str, str] | None = None, log_path: Path | None = None) -> subprocess.Popen:
     output = log_path.open("ab") if log_path else None
     return subprocess.Popen(
         command,
