@@ -10,7 +10,7 @@ a database of its own and drops it afterwards.
    ``MetricsWriter`` (a background thread writing to PostgreSQL every second, as in a job) and
    once with ``on_step`` doing nothing; runs alternate, ``--reps`` of each. Step time is the time
    between the 20th and the last step's report, divided by the steps between.
-2. Pollers: one API process (uvicorn, as ``dpft api`` runs it) and one worker training a long job;
+2. Pollers: one API process (``dpft api``; ``--api-workers`` for more) and one worker training a long job;
    N simulated dashboards (asyncio, one ``httpx.AsyncClient`` connection pool of N) each poll
    ``GET /v1/jobs/{id}/metrics?since_step=<next_since_step>`` once a second with the previous
    ETag (as the dashboard does), for ``--duration`` seconds per N after a 3 s ramp-up. Dashboards
@@ -176,8 +176,8 @@ def server_buckets(prometheus_text: str) -> dict[float, float]:
 
 async def poll(n: int, url: str, key: str, job_id: str, duration: float, since_step: int, server_side: bool) -> dict:
     """``server_side``: also read the API's own histogram (``/metrics``) before and after the measured
-    window, to tell time spent in the API from queueing in this client process (one API process
-    only: with more, each scrape sees one process's counts)."""
+    window, to tell time spent in the API from queueing in this client process (summed over the
+    API's processes when there are several)."""
     import httpx
 
     latencies: list[float] = []
@@ -342,7 +342,7 @@ def main() -> None:
             with Client(url, api_key=key) as client:
                 step0, t0 = client.get_job(job)["step"], time.monotonic()
             start_at = 0 if args.from_start else step0
-            result = asyncio.run(poll(n, url, key, job, args.duration, start_at, server_side=args.api_workers == 1))
+            result = asyncio.run(poll(n, url, key, job, args.duration, start_at, server_side=True))
             try:
                 with Client(url, api_key=key, timeout=120) as client:
                     result["train_steps_per_s"] = (client.get_job(job)["step"] - step0) / (time.monotonic() - t0)
