@@ -87,6 +87,38 @@ def test_privatize_trainer_gives_a_subclass_the_dp_loop(tmp_path: Path, lm_recor
     assert trainer.noisy_steps == 3
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_privatize_trainer_makes_trl_sft_trainer_private(tmp_path: Path, lm_records, lora: bool) -> None:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    plan = plan_privacy(num_units=40, batch_size=6, max_steps=4, target_epsilon=5.0, target_delta=1e-3)
+    config = SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_length=16, report_to="none", use_cpu=True
+    )
+    assert config.activation_checkpointing, "SFTConfig's default, which per-sample gradients cannot use"
+    trainer = privatize_trainer(SFTTrainer)(
+        model=load_model("dpft/tiny-gpt2", "causal_lm"),
+        args=config,
+        train_dataset=Dataset.from_list(lm_records(40)),
+        processing_class=load_tokenizer("dpft/tiny-gpt2"),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]) if lora else None,
+        privacy_args=PrivacyArguments.from_plan(plan, max_grad_norm=0.5),
+    )
+    assert not trainer.args.activation_checkpointing
+    # TRL's collator fails on an empty list; an empty Poisson batch must still be a (noise-only) step.
+    assert trainer.get_train_dataloader().collate_fn([])["input_ids"].shape[0] == 0
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()  # each step checks that every trainable parameter got a per-sample gradient
+    assert trainer.noisy_steps == plan.steps == 4
+    assert trainer.epsilon_after(trainer.noisy_steps) == pytest.approx(plan.epsilon, abs=1e-12)
+    after = dict(trainer.model.named_parameters())
+    changed = {name for name, p in after.items() if not torch.equal(p.detach(), before[name])}
+    assert changed == {name for name, p in after.items() if p.requires_grad}
+    assert any("lora_" in name for name in changed) == lora
+
+
 def test_privatize_trainer_refuses_preference_trainers() -> None:
     class DPOTrainer(Trainer):
         pass

@@ -23,6 +23,7 @@ PRIVACY.md invariants):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import time
@@ -222,6 +223,7 @@ class DPTrainerMixin:
             raise EngineError("a DP trainer needs explicit TrainingArguments (args=...)")
         _make_args_private(training_args, privacy_args)
         super().__init__(*args, **kwargs)
+        _turn_off_activation_checkpointing(self.model)
         _refuse_unit_mixing_modules(self.model)
         if self.train_dataset is None:
             raise EngineError("a DP trainer needs train_dataset")
@@ -361,7 +363,7 @@ class DPTrainerMixin:
         return DataLoader(
             self.train_dataset,
             batch_sampler=sampler,
-            collate_fn=self.data_collator,
+            collate_fn=_empty_batches_allowed(self.data_collator, self.train_dataset[0]),
             num_workers=0,
             pin_memory=False,
         )
@@ -442,7 +444,7 @@ class DPTrainerMixin:
         # Breakage 2: the Trainer zeroes the model's gradients, not the per-sample state.
         optimizer.zero_grad(set_to_none=True)
         model.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs = _with_position_ids(self._prepare_inputs(inputs), self.model)
         batch_size = int(inputs["input_ids"].shape[0])
         if batch_size == 0:
             # An empty Poisson batch: no per-sample gradient, the step adds noise only.
@@ -571,10 +573,54 @@ def _make_args_private(args: TrainingArguments, privacy_args: PrivacyArguments) 
         )
     args.max_steps = privacy_args.steps
     args.max_grad_norm = 0.0
+    # Activation checkpointing runs each layer's forward twice for one backward: Opacus would never
+    # complete a per-sample gradient. TRL's SFTConfig turns it on by default.
+    for name in ("activation_checkpointing", "gradient_checkpointing"):  # the second: its alias before v6
+        if getattr(args, name, False):
+            logger.warning("%s is not compatible with per-sample gradients; turned off", name)
+            setattr(args, name, False)
     # Resuming restores the sampler's state instead of replaying (and re-drawing) batches.
     args.ignore_data_skip = True
     args.remove_unused_columns = False
     args.dataloader_drop_last = False
+
+
+def _empty_batches_allowed(collate: Callable[[list], Any], example: Any) -> Callable[[list], Any]:
+    """An empty Poisson batch is a noise-only step (PRIVACY.md 3), but collators other than the
+    engine's (TRL's, the Trainer's defaults) fail on an empty list. It becomes a real batch cut to
+    size 0: the same keys as any other batch, so that data-parallel processes with and without
+    examples still make the same collective calls (a batch without labels skips one and hangs)."""
+
+    def collate_or_empty(examples: list) -> Any:
+        if examples:
+            return collate(examples)
+        return {key: value[:0] for key, value in collate([example]).items()}
+
+    return collate_or_empty
+
+
+def _with_position_ids(inputs: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Give the batch (batch, length) ``position_ids`` when its collator did not (the engine's does).
+    The values are the model's own default, 0..length-1; materialised per example, the position
+    embedding gets a per-sample gradient with the batch's size instead of 1 (TRAINER-NOTES.md)."""
+    input_ids = inputs.get("input_ids")
+    if "position_ids" in inputs or input_ids is None or input_ids.shape[0] == 0:
+        return inputs
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return inputs
+    batch, length = input_ids.shape[:2]
+    positions = torch.arange(length, dtype=torch.long, device=input_ids.device).expand(batch, length).contiguous()
+    return {**inputs, "position_ids": positions}
+
+
+def _turn_off_activation_checkpointing(model: nn.Module) -> None:
+    """The same for a model that arrives with checkpointing already enabled on its layers."""
+    if not any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules()):
+        return
+    logger.warning("activation (gradient) checkpointing is not compatible with per-sample gradients; turned off")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_disable()
 
 
 def _refuse_unit_mixing_modules(model: nn.Module) -> None:
