@@ -119,6 +119,20 @@ def test_privatize_trainer_makes_trl_sft_trainer_private(tmp_path: Path, lm_reco
     assert any("lora_" in name for name in changed) == lora
 
 
+def test_privatize_trainer_refuses_sft_padding_free_rows(tmp_path: Path, lm_records) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    with pytest.raises(EngineError, match="padding_free"):
+        privatize_trainer(SFTTrainer)(
+            model=load_model("dpft/tiny-gpt2", "causal_lm"),
+            args=SFTConfig(output_dir=str(tmp_path), padding_free=True, report_to="none", use_cpu=True),
+            train_dataset=Dataset.from_list(lm_records(8)),
+            processing_class=load_tokenizer("dpft/tiny-gpt2"),
+            privacy_args=PrivacyArguments(noise_multiplier=1.0, sampling_probability=0.5, steps=2, delta=1e-3),
+        )
+
+
 def test_privatize_trainer_refuses_preference_trainers() -> None:
     class DPOTrainer(Trainer):
         pass

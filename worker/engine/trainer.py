@@ -571,6 +571,11 @@ def _make_args_private(args: TrainingArguments, privacy_args: PrivacyArguments) 
         raise EngineError(
             f"max_steps={args.max_steps} differs from the plan's {privacy_args.steps} steps; the plan is trained exactly"
         )
+    if getattr(args, "padding_free", False):  # TRL's SFTConfig
+        raise EngineError(
+            "padding_free puts a batch's examples into one row, so per-example gradients (and the DP "
+            "guarantee) are impossible; set padding_free=False"
+        )
     args.max_steps = privacy_args.steps
     args.max_grad_norm = 0.0
     # Activation checkpointing runs each layer's forward twice for one backward: Opacus would never
