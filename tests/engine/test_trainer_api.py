@@ -119,6 +119,22 @@ def test_privatize_trainer_makes_trl_sft_trainer_private(tmp_path: Path, lm_reco
     assert any("lora_" in name for name in changed) == lora
 
 
+def test_a_model_with_activation_checkpointing_on_still_gets_per_sample_gradients(tmp_path: Path, lm_records) -> None:
+    model, dataset, collator = _parts(lm_records)
+    model.get_base_model().activation_checkpointing_enable()
+    trainer = DPTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none"),
+        train_dataset=dataset,
+        data_collator=collator,
+        privacy_args=PrivacyArguments(noise_multiplier=1.0, sampling_probability=0.2, steps=2, delta=1e-3),
+        epsilon_fn=float,
+    )
+    assert not model.get_base_model().is_activation_checkpointing
+    trainer.train()  # with checkpointing on, the first step fails its per-sample gradient check
+    assert trainer.noisy_steps == 2
+
+
 def test_privatize_trainer_refuses_sft_padding_free_rows(tmp_path: Path, lm_records) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

@@ -580,9 +580,12 @@ def _make_args_private(args: TrainingArguments, privacy_args: PrivacyArguments) 
     args.max_grad_norm = 0.0
     # Activation checkpointing runs each layer's forward twice for one backward: Opacus would never
     # complete a per-sample gradient. TRL's SFTConfig turns it on by default.
-    for name in ("activation_checkpointing", "gradient_checkpointing"):  # the second: its alias before v6
-        if getattr(args, name, False):
-            logger.warning("%s is not compatible with per-sample gradients; turned off", name)
+    checkpointing = [
+        name for name in ("activation_checkpointing", "gradient_checkpointing") if getattr(args, name, False)
+    ]
+    if checkpointing:  # the second name is the first's alias until transformers 6
+        logger.warning("activation checkpointing is not compatible with per-sample gradients; turned off")
+        for name in checkpointing:
             setattr(args, name, False)
     # Resuming restores the sampler's state instead of replaying (and re-drawing) batches.
     args.ignore_data_skip = True
@@ -611,8 +614,7 @@ def _with_position_ids(inputs: dict[str, torch.Tensor], model: nn.Module) -> dic
     input_ids = inputs.get("input_ids")
     if "position_ids" in inputs or input_ids is None or input_ids.shape[0] == 0:
         return inputs
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "position_ids" not in inspect.signature(base.forward).parameters:
+    if "position_ids" not in inspect.signature(_unwrapped(model).forward).parameters:
         return inputs
     batch, length = input_ids.shape[:2]
     positions = torch.arange(length, dtype=torch.long, device=input_ids.device).expand(batch, length).contiguous()
@@ -623,9 +625,16 @@ def _turn_off_activation_checkpointing(model: nn.Module) -> None:
     """The same for a model that arrives with checkpointing already enabled on its layers."""
     if not any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules()):
         return
-    logger.warning("activation (gradient) checkpointing is not compatible with per-sample gradients; turned off")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_disable()
+    logger.warning("activation checkpointing is not compatible with per-sample gradients; turned off")
+    plain = _unwrapped(model)
+    # `gradient_checkpointing_disable`: its name before transformers 5.x
+    disable = getattr(plain, "activation_checkpointing_disable", None) or plain.gradient_checkpointing_disable
+    disable()
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _refuse_unit_mixing_modules(model: nn.Module) -> None:
