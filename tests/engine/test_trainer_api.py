@@ -28,6 +28,19 @@ def _parts(lm_records):
     return model, ExampleDataset(examples), collator
 
 
+def _short_run(trainer_class: type, parts: tuple, tmp_path: Path, steps: int) -> Trainer:
+    """A DP trainer of ``trainer_class`` for ``steps`` noisy steps on ``_parts``, epsilon not computed."""
+    model, dataset, collator = parts
+    return trainer_class(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none"),
+        train_dataset=dataset,
+        data_collator=collator,
+        privacy_args=PrivacyArguments(noise_multiplier=1.0, sampling_probability=0.2, steps=steps, delta=1e-3),
+        epsilon_fn=float,
+    )
+
+
 def test_notebook_use_trains_the_plan_with_the_service_accountant(tmp_path: Path, lm_records) -> None:
     model, dataset, collator = _parts(lm_records)
     plan = plan_privacy(num_units=len(dataset), batch_size=8, max_steps=6, target_epsilon=5.0, target_delta=1e-3)
@@ -74,15 +87,7 @@ def test_privatize_trainer_gives_a_subclass_the_dp_loop(tmp_path: Path, lm_recor
 
     private_class = privatize_trainer(CustomTrainer)
     assert issubclass(private_class, CustomTrainer) and private_class.__name__ == "DPCustomTrainer"
-    model, dataset, collator = _parts(lm_records)
-    trainer = private_class(
-        model=model,
-        args=TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none"),
-        train_dataset=dataset,
-        data_collator=collator,
-        privacy_args=PrivacyArguments(noise_multiplier=1.0, sampling_probability=0.2, steps=3, delta=1e-3),
-        epsilon_fn=float,
-    )
+    trainer = _short_run(private_class, _parts(lm_records), tmp_path, steps=3)
     trainer.train()
     assert trainer.noisy_steps == 3
 
@@ -120,16 +125,10 @@ def test_privatize_trainer_makes_trl_sft_trainer_private(tmp_path: Path, lm_reco
 
 
 def test_a_model_with_activation_checkpointing_on_still_gets_per_sample_gradients(tmp_path: Path, lm_records) -> None:
-    model, dataset, collator = _parts(lm_records)
+    parts = _parts(lm_records)
+    model = parts[0]
     model.get_base_model().activation_checkpointing_enable()
-    trainer = DPTrainer(
-        model=model,
-        args=TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none"),
-        train_dataset=dataset,
-        data_collator=collator,
-        privacy_args=PrivacyArguments(noise_multiplier=1.0, sampling_probability=0.2, steps=2, delta=1e-3),
-        epsilon_fn=float,
-    )
+    trainer = _short_run(DPTrainer, parts, tmp_path, steps=2)
     assert not model.get_base_model().is_activation_checkpointing
     trainer.train()  # with checkpointing on, the first step fails its per-sample gradient check
     assert trainer.noisy_steps == 2
